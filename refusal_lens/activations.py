@@ -1,0 +1,230 @@
+"""Reading activations at end-of-instruction positions, streamed batch by batch.
+
+Every function here runs the model over formatted prompts in batches, with
+hooks on one site (``resid_pre`` by default) at the requested layers, and
+reduces each batch inside the hook: nothing holds a full ``ActivationCache``.
+
+Positions are negative offsets from the end of the prompt (``-1`` is the last
+token). Prompts are left-padded, so the same offset names the same template
+token in every row; the default is every end-of-instruction token, as in the
+paper. Batched runs pass the attention mask, from which the bridge derives
+position ids, so padding does not change activations (``batch_size=1`` runs
+prompts one at a time, for comparison).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Callable, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+SITES: dict[str, str] = {
+    "resid_pre": "blocks.{layer}.hook_resid_pre",
+    "resid_mid": "blocks.{layer}.hook_resid_mid",
+    "resid_post": "blocks.{layer}.hook_resid_post",
+    "attn_out": "blocks.{layer}.hook_attn_out",
+    "mlp_out": "blocks.{layer}.hook_mlp_out",
+}
+# Show a progress bar from this many batches on.
+_PROGRESS_FROM_BATCHES = 8
+
+
+def hook_name(hook: str, layer: int) -> str:
+    """TransformerLens hook name for a site (``"resid_pre"``) at a layer: ``blocks.{layer}.hook_resid_pre``."""
+    if hook not in SITES:
+        raise ValueError(f"unknown activation site {hook!r}; choose one of {', '.join(SITES)}")
+    return SITES[hook].format(layer=layer)
+
+
+def eoi_positions(model) -> list[int]:
+    """Negative offsets of all end-of-instruction tokens, e.g. ``[-6, ..., -1]`` for ChatML."""
+    return list(range(-len(model.chat.eoi_tokens), 0))
+
+
+def check_prompts(prompts: Sequence[str]) -> list[str]:
+    """Refuse empty, non-string and duplicate prompts (a duplicate would be counted twice in a mean)."""
+    if isinstance(prompts, str):
+        raise TypeError("pass a list of prompts, not a single string")
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("no prompts given: pass at least one instruction")
+    bad = [type(p).__name__ for p in prompts if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"prompts must be strings, got {sorted(set(bad))}")
+    if any(not p.strip() for p in prompts):
+        raise ValueError("empty prompt in the list: remove blank instructions")
+    duplicates = [p for p, n in Counter(prompts).items() if n > 1]
+    if duplicates:
+        raise ValueError(
+            f"{len(duplicates)} duplicate prompt(s), e.g. {duplicates[0][:60]!r}: each would be counted "
+            "more than once; deduplicate the list"
+        )
+    return prompts
+
+
+def _resolve(model, positions, layers) -> tuple[list[int], list[int]]:
+    positions = eoi_positions(model) if positions is None else [int(p) for p in positions]
+    if not positions or any(p >= 0 for p in positions):
+        raise ValueError(
+            f"positions must be negative offsets from the end of the prompt (-1 = last token), got {positions}"
+        )
+    n_layers = model.cfg.n_layers
+    layers = list(range(n_layers)) if layers is None else [int(l) for l in layers]
+    if not layers or any(not 0 <= l < n_layers for l in layers):
+        raise ValueError(f"layers must lie in [0, {n_layers}), got {layers}")
+    return positions, layers
+
+
+def stream(
+    model,
+    prompts: Sequence[str],
+    reduce: Callable[[int, int, Float[Tensor, "batch pos d_model"]], None],
+    *,
+    positions: Sequence[int] | None = None,
+    layers: Sequence[int] | None = None,
+    hook: str = "resid_pre",
+    batch_size: int = 16,
+    system: str | None = None,
+    progress: bool | None = None,
+) -> tuple[list[int], list[int]]:
+    """Run ``model`` over ``prompts`` and hand each batch's activations to ``reduce``.
+
+    ``reduce(batch_start, layer_index, acts)`` receives the activations at
+    ``positions`` of one layer (``acts[b, p]`` is prompt ``batch_start + b`` at
+    ``positions[p]``, in the model's dtype, on the layer's device) and must not keep
+    them. The forward pass stops after the last layer needed. Returns the resolved
+    ``(positions, layers)``.
+    """
+    prompts = check_prompts(prompts)
+    positions, layers = _resolve(model, positions, layers)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    pos_index = torch.tensor(positions)
+    check_eoi = len(positions) and min(positions) >= -len(model.chat.eoi_tokens)
+    eoi = torch.tensor(model.chat.eoi_tokens)
+    stop = max(layers) + 1
+    stop_at_layer = stop if stop < model.cfg.n_layers else None
+    batch_start = 0
+
+    def make_hook(layer_index: int):
+        def hook_fn(activation: Tensor, hook) -> None:
+            reduce(batch_start, layer_index, activation[:, pos_index.to(activation.device)])
+
+        return hook_fn
+
+    fwd_hooks = [(hook_name(hook, layer), make_hook(i)) for i, layer in enumerate(layers)]
+    starts = range(0, len(prompts), batch_size)
+    show = len(starts) >= _PROGRESS_FROM_BATCHES if progress is None else progress
+    device = model.cfg.device
+    with torch.no_grad(), model.hooks(fwd_hooks=fwd_hooks):
+        for batch_start in tqdm(starts, disable=not show, desc=f"{hook} activations", unit="batch"):
+            batch = model.chat.tokenize(prompts[batch_start : batch_start + batch_size], system=system)
+            ids = batch["input_ids"]
+            if check_eoi and not (ids[:, -len(eoi):] == eoi).all():
+                row = int((ids[:, -len(eoi):] != eoi).any(-1).nonzero()[0])
+                raise ValueError(
+                    f"prompt {prompts[batch_start + row][:60]!r} does not end with the end-of-instruction "
+                    "tokens after tokenization (its last characters merge with the template); edit it"
+                )
+            model(ids.to(device), attention_mask=batch["attention_mask"].to(device), stop_at_layer=stop_at_layer)
+    return positions, layers
+
+
+def mean_activations(
+    model,
+    prompts: Sequence[str],
+    *,
+    positions: Sequence[int] | None = None,
+    layers: Sequence[int] | None = None,
+    hook: str = "resid_pre",
+    batch_size: int = 16,
+    system: str | None = None,
+    progress: bool | None = None,
+) -> Float[Tensor, "pos layer d_model"]:
+    """Mean activation over prompts at each position and layer, accumulated in float64 (CPU).
+
+    Memory is one ``[pos, layer, d_model]`` float64 sum, whatever the number of prompts.
+    ``layer`` indexes ``layers`` (default: all layers, so it is the layer number).
+    """
+    total: Tensor | None = None
+
+    def accumulate(_start: int, layer_index: int, acts: Tensor) -> None:
+        nonlocal total
+        batch_sum = acts.to(torch.float64).sum(0).cpu()  # [pos, d_model]
+        if total is None:
+            total = torch.zeros(batch_sum.shape[0], n_layers, batch_sum.shape[1], dtype=torch.float64)
+        total[:, layer_index] += batch_sum
+
+    n_layers = model.cfg.n_layers if layers is None else len(layers)
+    prompts = check_prompts(prompts)
+    stream(model, prompts, accumulate, positions=positions, layers=layers, hook=hook,
+           batch_size=batch_size, system=system, progress=progress)
+    return total / len(prompts)
+
+
+def activations(
+    model,
+    prompts: Sequence[str],
+    *,
+    positions: Sequence[int] | None = None,
+    layers: Sequence[int] | None = None,
+    hook: str = "resid_pre",
+    batch_size: int = 16,
+    system: str | None = None,
+    progress: bool | None = None,
+) -> Float[Tensor, "batch pos layer d_model"]:
+    """Per-prompt activations in float32 on CPU, for statistics; ``layer`` indexes ``layers``."""
+    prompts = check_prompts(prompts)
+    n_layers = model.cfg.n_layers if layers is None else len(layers)
+    out: Tensor | None = None
+
+    def store(start: int, layer_index: int, acts: Tensor) -> None:
+        nonlocal out
+        if out is None:
+            out = torch.empty(len(prompts), acts.shape[1], n_layers, acts.shape[2], dtype=torch.float32)
+        out[start : start + acts.shape[0], :, layer_index] = acts.float().cpu()
+
+    stream(model, prompts, store, positions=positions, layers=layers, hook=hook,
+           batch_size=batch_size, system=system, progress=progress)
+    return out
+
+
+def projections(
+    model,
+    prompts: Sequence[str],
+    unit_directions: Float[Tensor, "pos layer d_model"],
+    *,
+    positions: Sequence[int] | None = None,
+    layers: Sequence[int] | None = None,
+    hook: str = "resid_pre",
+    batch_size: int = 16,
+    system: str | None = None,
+    progress: bool | None = None,
+) -> Float[Tensor, "batch pos layer"]:
+    """Scalar projection of each prompt's activation onto a unit direction per (position, layer), float64, CPU.
+
+    ``unit_directions[p, l]`` is used at ``positions[p]`` and ``layers[l]``; computed
+    in float32 on the model's device, so only ``[batch, pos, layer]`` scalars are kept.
+    """
+    prompts = check_prompts(prompts)
+    positions, layers = _resolve(model, positions, layers)
+    expected = (len(positions), len(layers), model.cfg.d_model)
+    if tuple(unit_directions.shape) != expected:
+        raise ValueError(
+            f"unit_directions has shape {tuple(unit_directions.shape)}; expected {expected} "
+            "(positions, layers, d_model) for the positions and layers requested"
+        )
+    out = torch.empty(len(prompts), len(positions), len(layers), dtype=torch.float64)
+    directions32 = unit_directions.float()
+
+    def project(start: int, layer_index: int, acts: Tensor) -> None:
+        direction = directions32[:, layer_index].to(acts.device)  # [pos, d_model]
+        out[start : start + acts.shape[0], :, layer_index] = (acts.float() * direction).sum(-1).double().cpu()
+
+    stream(model, prompts, project, positions=positions, layers=layers, hook=hook,
+           batch_size=batch_size, system=system, progress=progress)
+    return out

@@ -1,0 +1,229 @@
+"""Candidate refusal directions: difference in means, per position and layer.
+
+``diff_in_means`` returns the paper's candidates r[p, l] = mean(harmful) -
+mean(harmless) at every end-of-instruction position p and layer l, in float64.
+A candidate whose norm is (numerically) zero carries no direction: at
+``resid_pre`` of layer 0 every prompt ends with the same template tokens, so
+both means are the same embedding. Such candidates are marked invalid in
+``Directions.valid`` and never normalized into NaNs.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from jaxtyping import Bool, Float
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .activations import check_prompts, mean_activations
+from .manifest import text_hash
+
+# A candidate is invalid when its norm is below this fraction of the mean activations' norm.
+_ZERO_NORM_RTOL = 1e-8
+_METADATA_KEY = "refusal_lens"
+
+
+class InvalidDirectionError(ValueError):
+    """A direction that cannot be used: zero norm, NaN, or the wrong width."""
+
+
+@dataclass
+class Directions:
+    """Candidate directions with their provenance.
+
+    Attributes:
+        vectors: ``[pos, layer, d_model]`` float64 raw difference-in-means vectors
+            (not normalized; their norm is meaningful for activation addition).
+        positions: negative offsets from the prompt end, one per ``pos``.
+        layers: layer numbers, one per ``layer``.
+        hook: activation site, e.g. ``"resid_pre"``.
+        model: the model spec the directions come from.
+        metadata: data hashes, prompt counts and anything else worth keeping.
+        valid: ``[pos, layer]`` bool, False where the candidate has (numerically) zero norm.
+    """
+
+    vectors: Float[Tensor, "pos layer d_model"]
+    positions: list[int]
+    layers: list[int]
+    hook: str
+    model: str
+    metadata: dict = field(default_factory=dict)
+    valid: Bool[Tensor, "pos layer"] | None = None
+
+    def __post_init__(self) -> None:
+        if self.vectors.ndim != 3 or self.vectors.shape[:2] != (len(self.positions), len(self.layers)):
+            raise ValueError(
+                f"vectors of shape {tuple(self.vectors.shape)} do not match {len(self.positions)} positions "
+                f"x {len(self.layers)} layers x d_model"
+            )
+        if not torch.isfinite(self.vectors).all():
+            raise InvalidDirectionError("direction vectors contain NaN or infinite values")
+        if self.valid is None:
+            self.valid = self.vectors.norm(dim=-1) > 0
+
+    @property
+    def d_model(self) -> int:
+        return self.vectors.shape[-1]
+
+    def index(self, position: int, layer: int) -> tuple[int, int]:
+        """Tensor indices of a (position offset, layer number) pair."""
+        if position not in self.positions or layer not in self.layers:
+            raise KeyError(f"no candidate at position {position}, layer {layer}; have positions "
+                           f"{self.positions} and layers {self.layers[0]}..{self.layers[-1]}")
+        return self.positions.index(position), self.layers.index(layer)
+
+    def unit(self) -> Float[Tensor, "pos layer d_model"]:
+        """Unit-norm candidates; invalid (zero-norm) candidates are zero vectors, see ``valid``."""
+        norms = self.vectors.norm(dim=-1, keepdim=True)
+        return torch.where(self.valid[..., None], self.vectors / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0.0)
+
+    def direction(self, position: int, layer: int, *, unit: bool = True) -> Float[Tensor, "d_model"]:
+        """One candidate as a float64 vector; raises for an invalid one."""
+        p, l = self.index(position, layer)
+        if not self.valid[p, l]:
+            raise InvalidDirectionError(
+                f"the candidate at position {position}, layer {layer} has zero norm (the harmful and harmless "
+                "means coincide there, e.g. resid_pre of layer 0); pick another layer"
+            )
+        vector = self.vectors[p, l]
+        return vector / vector.norm() if unit else vector.clone()
+
+    def cosine_matrix(self, position: int = -1) -> Float[Tensor, "layer layer"]:
+        """Cosine similarity between the candidates of every pair of layers at one position (float64).
+
+        Entries involving an invalid candidate are NaN, and a warning names those layers.
+        """
+        p = self.positions.index(position)
+        unit = self.unit()[p]
+        cos = unit @ unit.T
+        invalid = ~self.valid[p]
+        if invalid.any():
+            warnings.warn(
+                f"layers {[self.layers[i] for i in invalid.nonzero().flatten().tolist()]} have zero-norm "
+                f"candidates at position {position}; their cosines are NaN",
+                stacklevel=2,
+            )
+            cos[invalid, :] = float("nan")
+            cos[:, invalid] = float("nan")
+        return cos
+
+    # ------------------------------------------------------------ persistence
+    def save(self, path: str | Path) -> Path:
+        """Write a safetensors file with the vectors, validity mask and JSON metadata in its header."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        header = {
+            "positions": self.positions, "layers": self.layers, "hook": self.hook,
+            "model": self.model, "metadata": self.metadata,
+        }
+        save_file(
+            {"vectors": self.vectors.contiguous(), "valid": self.valid.to(torch.uint8).contiguous()},
+            str(path),
+            metadata={_METADATA_KEY: json.dumps(header, default=str)},
+        )
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Directions:
+        """Read a file written by :meth:`save`."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            header = (handle.metadata() or {}).get(_METADATA_KEY)
+        if header is None:
+            raise ValueError(f"{path} was not written by Directions.save (no {_METADATA_KEY!r} metadata)")
+        tensors = load_file(str(path))
+        info = json.loads(header)
+        return cls(tensors["vectors"], info["positions"], info["layers"], info["hook"], info["model"],
+                   info["metadata"], tensors["valid"].bool())
+
+
+def diff_in_means(
+    model,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    *,
+    positions: Sequence[int] | None = None,
+    layers: Sequence[int] | None = None,
+    hook: str = "resid_pre",
+    batch_size: int = 16,
+    system: str | None = None,
+) -> Directions:
+    """Difference-in-means candidates: mean over ``harmful`` minus mean over ``harmless`` (float64).
+
+    Both lists are instructions (the model's chat format wraps them). Use the
+    training split here and held-out prompts for statistics.
+    """
+    harmful, harmless = check_prompts(harmful), check_prompts(harmless)
+    overlap = set(harmful) & set(harmless)
+    if overlap:
+        raise ValueError(f"{len(overlap)} prompt(s) are in both sets, e.g. {next(iter(overlap))[:60]!r}")
+    kwargs = dict(positions=positions, layers=layers, hook=hook, batch_size=batch_size, system=system)
+    mean_harmful = mean_activations(model, harmful, **kwargs)
+    mean_harmless = mean_activations(model, harmless, **kwargs)
+    vectors = mean_harmful - mean_harmless
+    scale = torch.maximum(mean_harmful.norm(dim=-1), mean_harmless.norm(dim=-1))
+    valid = vectors.norm(dim=-1) > _ZERO_NORM_RTOL * scale
+    n_eoi = len(model.chat.eoi_tokens)
+    return Directions(
+        vectors=vectors,
+        positions=list(range(-n_eoi, 0)) if positions is None else [int(p) for p in positions],
+        layers=list(range(model.cfg.n_layers)) if layers is None else [int(l) for l in layers],
+        hook=hook,
+        model=model.info.spec,
+        metadata={
+            "harmful_sha256": text_hash(harmful), "harmless_sha256": text_hash(harmless),
+            "n_harmful": len(harmful), "n_harmless": len(harmless),
+            "chat_family": model.chat.family, "system": system, "dtype": model.info.dtype,
+        },
+        valid=valid,
+    )
+
+
+def load_direction(path: str | Path, model) -> Float[Tensor, "d_model"]:
+    """Load an external direction vector and return it as a float32 unit vector of the model's width.
+
+    Accepts ``.pt``/``.pth`` (read with ``weights_only=True``), ``.safetensors`` and
+    ``.npy``/``.npz``, holding one vector (``[d_model]`` or ``[1, d_model]``) or a dict
+    with exactly one tensor (or a ``"direction"`` entry).
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".pt", ".pth"):
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    elif suffix == ".safetensors":
+        loaded = load_file(str(path))
+    elif suffix in (".npy", ".npz"):
+        array = np.load(path, allow_pickle=False)
+        loaded = dict(array) if suffix == ".npz" else array
+    else:
+        raise ValueError(f"unsupported direction file {path.name!r}: use .pt, .safetensors, .npy or .npz")
+    if isinstance(loaded, dict):
+        if "direction" in loaded:
+            loaded = loaded["direction"]
+        elif len(loaded) == 1:
+            loaded = next(iter(loaded.values()))
+        else:
+            raise ValueError(f"{path.name} holds {sorted(loaded)}; store one tensor or a 'direction' entry")
+    vector = torch.as_tensor(loaded).squeeze()
+    if vector.ndim != 1:
+        raise InvalidDirectionError(f"{path.name} holds a tensor of shape {tuple(vector.shape)}; expected one vector")
+    if vector.shape[0] != model.cfg.d_model:
+        raise InvalidDirectionError(
+            f"{path.name} has width {vector.shape[0]} but the model's d_model is {model.cfg.d_model}: "
+            "the direction comes from another model"
+        )
+    vector = vector.to(torch.float64)
+    if not torch.isfinite(vector).all():
+        raise InvalidDirectionError(f"{path.name} contains NaN or infinite values")
+    norm = vector.norm()
+    if norm == 0:
+        raise InvalidDirectionError(f"{path.name} is the zero vector; it has no direction")
+    return (vector / norm).to(torch.float32)
