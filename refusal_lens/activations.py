@@ -96,7 +96,8 @@ def stream(
     ``reduce(batch_start, layer_index, acts)`` receives the activations at
     ``positions`` of one layer (``acts[b, p]`` is prompt ``batch_start + b`` at
     ``positions[p]``, in the model's dtype, on the layer's device) and must not keep
-    them. The forward pass stops after the last layer needed. Returns the resolved
+    them. The forward pass stops after the last block needed (never reaching the
+unembedding unless the last block's output is asked for). Returns the resolved
     ``(positions, layers)``.
     """
     prompts = check_prompts(prompts)
@@ -106,8 +107,9 @@ def stream(
     pos_index = torch.tensor(positions)
     check_eoi = len(positions) and min(positions) >= -len(model.chat.eoi_tokens)
     eoi = torch.tensor(model.chat.eoi_tokens)
-    stop = max(layers) + 1
-    stop_at_layer = stop if stop < model.cfg.n_layers else None
+    # resid_pre of layer L is the input of block L: blocks 0..L-1 suffice. Other sites need block L.
+    stop = max(layers) + (0 if hook == "resid_pre" else 1)
+    stop_at_layer = stop if 0 < stop < model.cfg.n_layers else None
     batch_start = 0
 
     def make_hook(layer_index: int):

@@ -1,0 +1,55 @@
+"""``python -m benchmarks``: run the suite, print a table, write ``benchmarks/results/<machine>.json``."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+from pathlib import Path
+
+from . import extraction
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine_name() -> str:
+    """A stable label for this machine: accelerator name if any, else CPU architecture and core count."""
+    import torch
+
+    if torch.cuda.is_available():
+        label = torch.cuda.get_device_name(0)
+    else:
+        label = f"cpu-{platform.machine()}-{os.cpu_count()}cores"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-").lower()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--n-prompts", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args(argv)
+
+    from refusal_lens.manifest import versions
+
+    rows = [extraction.compare(args.model, n, args.batch_size) for n in args.n_prompts]
+    print(f"{'prompts':>8} {'stream p/s':>11} {'naive p/s':>10} {'speed x':>8} "
+          f"{'stream MB':>10} {'naive MB':>9} {'mem ratio':>10} {'same mean':>10}")
+    for r in rows:
+        print(f"{r['n_prompts']:>8} {r['streaming']['prompts_per_s']:>11.1f} {r['naive']['prompts_per_s']:>10.1f} "
+              f"{r['throughput_ratio']:>8.2f} {r['streaming']['extra_rss_mb']:>10.0f} {r['naive']['extra_rss_mb']:>9.0f} "
+              f"{r['extra_memory_ratio']:>10.3f} {str(r['same_mean']):>10}")
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"{machine_name()}.json"
+    record = {"created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "machine": machine_name(), "versions": versions(), "extraction": rows}
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

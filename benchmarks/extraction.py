@@ -1,0 +1,121 @@
+"""Extraction benchmark: streaming ``mean_activations`` vs a naive full-cache baseline.
+
+Each method runs in a fresh subprocess so that its peak resident memory (RSS)
+is its own. Reported per method: wall seconds, prompts per second, and the peak
+RSS above the RSS right after loading the model (the memory the method itself
+needs). The headline is the ratio streaming / naive, measured in the same run.
+
+Baseline (how extraction is often written): ``run_with_cache`` with the full
+cache for each batch, index the end-of-instruction positions at every layer's
+``resid_pre``, keep those per-prompt tensors, average at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+TOPICS = ["rivers", "bread", "chess", "volcanoes", "jazz", "bees", "bridges", "tea", "comets", "glass"]
+
+
+def synthetic_prompts(n: int, words: int | None = None) -> list[str]:
+    """``n`` distinct harmless prompts; lengths vary unless ``words`` fixes the filler length."""
+    prompts = []
+    for i in range(n):
+        filler = " ".join(["detail"] * (words if words is not None else 3 + (i * 7) % 29))
+        prompts.append(f"Request {i}: explain {TOPICS[i % len(TOPICS)]} to a curious reader, with {filler}.")
+    return prompts
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _naive_mean(model, prompts: list[str], batch_size: int) -> torch.Tensor:
+    n_eoi, n_layers = len(model.chat.eoi_tokens), model.cfg.n_layers
+    kept = []
+    with torch.no_grad():
+        for start in range(0, len(prompts), batch_size):
+            batch = model.chat.tokenize(prompts[start : start + batch_size])
+            _, cache = model.run_with_cache(batch["input_ids"], attention_mask=batch["attention_mask"])
+            kept.append(torch.stack([cache[f"blocks.{l}.hook_resid_pre"][:, -n_eoi:] for l in range(n_layers)], dim=2))
+            del cache
+    return torch.cat(kept).double().mean(0)
+
+
+def worker(method: str, model_spec: str, n_prompts: int, batch_size: int, words: int | None) -> dict:
+    """Run one method in this process and report time and memory."""
+    import refusal_lens as rl
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+    model = rl.load_model(model_spec, device="cpu")
+    prompts = synthetic_prompts(n_prompts, words)
+    methods = {
+        "streaming": lambda ps, bs: rl.mean_activations(model, ps, batch_size=bs, progress=False),
+        "naive": lambda ps, bs: _naive_mean(model, ps, bs),
+    }
+    run = methods[method]
+    run(prompts[:1], 1)  # warm-up with this method only, so the baseline RSS holds no other method's peak
+    after_load = _peak_rss_mb()
+    started = time.perf_counter()
+    mean = run(prompts, batch_size)
+    seconds = time.perf_counter() - started
+    n_tokens = int(model.chat.tokenize(prompts)["attention_mask"].sum())
+    return {
+        "method": method, "n_prompts": n_prompts, "batch_size": batch_size, "seconds": seconds,
+        "prompts_per_s": n_prompts / seconds, "peak_rss_mb": _peak_rss_mb(),
+        "extra_rss_mb": _peak_rss_mb() - after_load, "mean_checksum": float(mean.sum()), "n_tokens": n_tokens,
+    }
+
+
+def run_in_subprocess(method: str, model_spec: str, n_prompts: int, batch_size: int, words: int | None = None) -> dict:
+    command = [sys.executable, "-m", "benchmarks.extraction", "--worker", method, "--model", model_spec,
+               "--n-prompts", str(n_prompts), "--batch-size", str(batch_size)]
+    if words is not None:
+        command += ["--words", str(words)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark worker {method} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def compare(model_spec: str, n_prompts: int, batch_size: int, words: int | None = None) -> dict:
+    """Both methods on the same prompts; ratios streaming / naive."""
+    streaming = run_in_subprocess("streaming", model_spec, n_prompts, batch_size, words)
+    naive = run_in_subprocess("naive", model_spec, n_prompts, batch_size, words)
+    agree = abs(streaming["mean_checksum"] - naive["mean_checksum"]) <= 1e-6 * max(1.0, abs(naive["mean_checksum"]))
+    return {
+        "model": model_spec, "n_prompts": n_prompts, "batch_size": batch_size, "words": words,
+        "streaming": streaming, "naive": naive,
+        "throughput_ratio": streaming["prompts_per_s"] / naive["prompts_per_s"],
+        "extra_memory_ratio": streaming["extra_rss_mb"] / max(naive["extra_rss_mb"], 1e-9),
+        "same_mean": agree,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--worker", choices=["streaming", "naive"])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--n-prompts", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--words", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.model, args.n_prompts, args.batch_size, args.words)))
+        return 0
+    result = compare(args.model, args.n_prompts, args.batch_size, args.words)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
