@@ -1,23 +1,50 @@
-"""Instruction data: reading public benchmark files in the refusal_direction format.
+"""Instruction data: the project's contrast sets and public benchmark files.
 
-The format (used by ``andyrdt/refusal_direction`` and ``../shared/datasets``) is a
-JSON list of ``{"instruction": str, "category": str | null}``.
+Built-in set ``"refusal-pairs"`` (see ``data/README.md``): harmful and harmless
+requests written for this project, with matched pairs that differ only in
+intent, in four fixed disjoint splits (``organism``, ``train``, ``val``,
+``test``). Public benchmarks use the refusal_direction format (used by
+``andyrdt/refusal_direction`` and ``../shared/datasets``): a JSON list of
+``{"instruction": str, "category": str | null}``.
 """
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import json
 import random
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
+from typing import Iterable, Sequence
+
+from .manifest import text_hash
+
+SPLITS = ("organism", "train", "val", "test")
+# Cumulative percentage of groups per split: organism 40%, train 25%, val 15%, test 20%.
+_SPLIT_CUTS = (("organism", 40), ("train", 65), ("val", 80), ("test", 100))
+BUILTIN = {"refusal-pairs": "refusal_pairs"}
 
 
 @dataclass(frozen=True)
 class Instruction:
-    """One instruction and its harm category (``None`` when the source has none)."""
+    """One instruction with its provenance.
+
+    Attributes:
+        text: the request.
+        category: harm category (harmful items), or ``None``.
+        kind: ``"pair"`` (half of a matched pair), ``"single"`` (unpaired harmful),
+            ``"look_risky"`` or ``"general"`` (unpaired harmless), or ``None`` for public files.
+        pair_id: shared by the two halves of a matched pair.
+        split: the fixed split of built-in data, or ``None``.
+    """
 
     text: str
     category: str | None = None
+    kind: str | None = None
+    pair_id: str | None = None
+    split: str | None = None
 
 
 def read_instructions(path: str | Path) -> list[Instruction]:
@@ -45,3 +72,125 @@ def read_instructions(path: str | Path) -> list[Instruction]:
 def sample(items: list[Instruction], n: int, *, seed: int) -> list[Instruction]:
     """``n`` items drawn without replacement with a fixed seed (all of them, shuffled, if ``n`` is larger)."""
     return random.Random(seed).sample(items, min(n, len(items)))
+
+
+def split_of(group: str) -> str:
+    """The fixed split of a group (a pair id, or an unpaired item's id): a salted SHA-256 bucket."""
+    bucket = int(hashlib.sha256(f"refusal-pairs/{group}".encode()).hexdigest(), 16) % 100
+    return next(name for name, cut in _SPLIT_CUTS if bucket < cut)
+
+
+@dataclass(frozen=True)
+class ContrastSet:
+    """Harmful and harmless instructions; ``pairs()`` gives the matched pairs among them."""
+
+    name: str
+    harmful: tuple[Instruction, ...]
+    harmless: tuple[Instruction, ...]
+
+    def __post_init__(self) -> None:
+        texts = [i.text for i in self.harmful] + [i.text for i in self.harmless]
+        if len(set(texts)) != len(texts):
+            raise ValueError(f"contrast set {self.name!r} repeats an instruction")
+
+    @property
+    def harmful_texts(self) -> list[str]:
+        return [i.text for i in self.harmful]
+
+    @property
+    def harmless_texts(self) -> list[str]:
+        return [i.text for i in self.harmless]
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """Matched (harmful, harmless) pairs whose both halves are in this set, in harmful order."""
+        partner = {i.pair_id: i.text for i in self.harmless if i.pair_id}
+        return [(i.text, partner[i.pair_id]) for i in self.harmful if i.pair_id in partner]
+
+    def hashes(self) -> dict[str, str]:
+        """SHA-256 of the ordered harmful and harmless texts, for manifests."""
+        return {"harmful_sha256": text_hash(self.harmful_texts), "harmless_sha256": text_hash(self.harmless_texts)}
+
+    def filter_by_refusal(self, model, *, batch_size: int = 32) -> ContrastSet:
+        """Keep harmful items the model refuses and harmless items it answers, by refusal score sign.
+
+        As the paper filters its train and val sets: refusal log-odds > 0 counts as refusing.
+        """
+        from .metrics import refusal_score
+
+        harmful = refusal_score(model, self.harmful_texts, batch_size=batch_size)
+        harmless = refusal_score(model, self.harmless_texts, batch_size=batch_size)
+        return ContrastSet(
+            f"{self.name}[filtered]",
+            tuple(i for i, s in zip(self.harmful, harmful) if s > 0),
+            tuple(i for i, s in zip(self.harmless, harmless) if s < 0),
+        )
+
+    def select(self, splits: str | Iterable[str]) -> ContrastSet:
+        """The items of the named fixed split(s)."""
+        wanted = {splits} if isinstance(splits, str) else set(splits)
+        unknown = wanted - set(SPLITS)
+        if unknown:
+            raise ValueError(f"unknown split(s) {sorted(unknown)}; choose from {SPLITS}")
+        keep = lambda items: tuple(i for i in items if i.split in wanted)  # noqa: E731
+        return ContrastSet(f"{self.name}[{'+'.join(sorted(wanted))}]", keep(self.harmful), keep(self.harmless))
+
+    def split(self, train: float = 0.6, val: float = 0.2, test: float = 0.2, *, seed: int = 0
+              ) -> tuple[ContrastSet, ContrastSet, ContrastSet]:
+        """A random (seeded) train/val/test split by fractions; matched pairs stay together."""
+        if abs(train + val + test - 1) > 1e-9 or min(train, val, test) < 0:
+            raise ValueError(f"fractions must be non-negative and sum to 1, got {train}, {val}, {test}")
+        groups = sorted({i.pair_id or f"{side}:{i.text}" for side, items in (("h", self.harmful), ("b", self.harmless))
+                         for i in items})
+        random.Random(seed).shuffle(groups)
+        n_train, n_val = round(train * len(groups)), round(val * len(groups))
+        parts = (set(groups[:n_train]), set(groups[n_train : n_train + n_val]), set(groups[n_train + n_val :]))
+
+        def part(index: int, label: str) -> ContrastSet:
+            def keep(side: str, items: Sequence[Instruction]) -> tuple[Instruction, ...]:
+                return tuple(i for i in items if (i.pair_id or f"{side}:{i.text}") in parts[index])
+            return ContrastSet(f"{self.name}[{label}]", keep("h", self.harmful), keep("b", self.harmless))
+
+        return part(0, "train"), part(1, "val"), part(2, "test")
+
+
+def _read_tsv(path) -> list[dict[str, str]]:
+    with path.open(encoding="utf-8", newline="") as handle:
+        return list(csv.DictReader(handle, delimiter="\t"))
+
+
+def _builtin(folder: str, name: str) -> ContrastSet:
+    root = files("refusal_lens") / "data" / folder
+    harmful, harmless = [], []
+    for n, row in enumerate(_read_tsv(root / "pairs.tsv")):
+        pair_id = f"pair-{n:03d}"
+        split = split_of(pair_id)
+        harmful.append(Instruction(row["harmful"], row["category"], "pair", pair_id, split))
+        harmless.append(Instruction(row["harmless"], None, "pair", pair_id, split))
+    for n, row in enumerate(_read_tsv(root / "harmful.tsv")):
+        harmful.append(Instruction(row["instruction"], row["category"], "single", None, split_of(f"harmful-{n:03d}")))
+    for n, row in enumerate(_read_tsv(root / "harmless.tsv")):
+        harmless.append(Instruction(row["instruction"], None, row["kind"], None, split_of(f"harmless-{n:03d}")))
+    return ContrastSet(name, tuple(harmful), tuple(harmless))
+
+
+def load_contrast(name_or_path: str | Path, *, split: str | Iterable[str] | None = None) -> ContrastSet:
+    """Load a contrast set.
+
+    Args:
+        name_or_path: ``"refusal-pairs"`` (built in), or a folder holding ``harmful.json`` and
+            ``harmless.json`` in the refusal_direction format.
+        split: for built-in sets, keep only these fixed split(s) (``organism``, ``train``, ``val``, ``test``).
+    """
+    if str(name_or_path) in BUILTIN:
+        contrast = _builtin(BUILTIN[str(name_or_path)], str(name_or_path))
+        return contrast.select(split) if split is not None else contrast
+    folder = Path(name_or_path)
+    if not folder.is_dir():
+        raise ValueError(
+            f"unknown contrast set {str(name_or_path)!r}: built-in sets are {sorted(BUILTIN)}; "
+            "otherwise pass a folder with harmful.json and harmless.json (refusal_direction format)"
+        )
+    if split is not None:
+        raise ValueError("split= applies to built-in sets; use .split(...) on a folder's ContrastSet")
+    return ContrastSet(folder.name, tuple(read_instructions(folder / "harmful.json")),
+                       tuple(read_instructions(folder / "harmless.json")))

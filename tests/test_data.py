@@ -45,3 +45,78 @@ def test_sample_is_seeded_and_without_replacement():
 def test_public_benchmarks_load(name, rows):
     items = read_instructions(SHARED_DATASETS / f"{name}.json")
     assert len(items) == rows and all(i.text.strip() for i in items)
+
+
+# ------------------------------------------------------------- refusal-pairs
+from collections import Counter  # noqa: E402
+
+from refusal_lens.data import SPLITS, ContrastSet, load_contrast, split_of  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pairs_set():
+    return load_contrast("refusal-pairs")
+
+
+def test_builtin_set_meets_its_datasheet(pairs_set):
+    assert len(pairs_set.harmful) >= 400 and len(pairs_set.harmless) >= 400
+    assert len(pairs_set.pairs()) >= 200
+    assert len({i.category for i in pairs_set.harmful}) >= 10
+    assert sum(i.kind == "look_risky" for i in pairs_set.harmless) >= 100
+    assert min(Counter(i.category for i in pairs_set.harmful).values()) >= 30
+
+
+def test_splits_are_fixed_disjoint_and_keep_pairs_together(pairs_set):
+    parts = {s: load_contrast("refusal-pairs", split=s) for s in SPLITS}
+    texts = {s: set(p.harmful_texts) | set(p.harmless_texts) for s, p in parts.items()}
+    for a in SPLITS:
+        for b in SPLITS:
+            if a < b:
+                assert not texts[a] & texts[b]
+    assert sum(len(t) for t in texts.values()) == len(pairs_set.harmful) + len(pairs_set.harmless)
+    assert sum(len(p.pairs()) for p in parts.values()) == len(pairs_set.pairs())  # no pair is cut
+    sizes = {s: len(parts[s].harmful) / len(pairs_set.harmful) for s in SPLITS}
+    assert 0.3 < sizes["organism"] < 0.5 and 0.1 < sizes["val"] < 0.25 and 0.12 < sizes["test"] < 0.3
+    assert split_of("pair-000") == split_of("pair-000")  # a pure function of the id
+    assert load_contrast("refusal-pairs", split="test").hashes() == parts["test"].hashes()
+
+
+def test_pairs_share_their_topic(pairs_set):
+    """Matched pairs differ in intent, not topic: nearly all share a content word (4+ letters).
+
+    A dataset-level check (word overlap misses inflections such as grenade/grenades), which
+    a shuffled pairing would fail: it would leave well under half of the pairs sharing a word.
+    """
+    def words(text):
+        return {w.strip("?.,!'").lower() for w in text.split() if len(w.strip("?.,!'")) >= 4}
+
+    pairs = pairs_set.pairs()
+    shared = sum(bool(words(h) & words(b)) for h, b in pairs)
+    assert shared >= 0.9 * len(pairs)
+    shuffled = sum(bool(words(h) & words(b)) for h, b in zip([h for h, _ in pairs], [b for _, b in pairs][1:]))
+    assert shuffled < 0.5 * len(pairs)
+
+
+def test_random_split_keeps_pairs_and_is_seeded(pairs_set):
+    train, val, test = pairs_set.split(0.6, 0.2, 0.2, seed=1)
+    assert len(train.harmful) + len(val.harmful) + len(test.harmful) == len(pairs_set.harmful)
+    assert len(train.pairs()) + len(val.pairs()) + len(test.pairs()) == len(pairs_set.pairs())
+    assert pairs_set.split(seed=1)[0].hashes() == train.hashes() != pairs_set.split(seed=2)[0].hashes()
+    with pytest.raises(ValueError, match="sum to 1"):
+        pairs_set.split(0.5, 0.2, 0.2)
+
+
+def test_loading_errors_name_the_fix(tmp_path):
+    with pytest.raises(ValueError, match="built-in sets are"):
+        load_contrast("no-such-set")
+    with pytest.raises(ValueError, match="unknown split"):
+        load_contrast("refusal-pairs", split="holdout")
+    with pytest.raises(ValueError, match="repeats"):
+        ContrastSet("x", (Instruction("same"),), (Instruction("same"),))
+
+
+def test_folder_in_refusal_direction_format(tmp_path):
+    (tmp_path / "harmful.json").write_text(json.dumps([{"instruction": "bad thing", "category": "c"}]))
+    (tmp_path / "harmless.json").write_text(json.dumps([{"instruction": "good thing", "category": None}]))
+    loaded = load_contrast(tmp_path)
+    assert loaded.harmful_texts == ["bad thing"] and loaded.harmless_texts == ["good thing"]
