@@ -10,7 +10,7 @@ import platform
 import re
 from pathlib import Path
 
-from . import extraction
+from . import extraction, selection
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -31,10 +31,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--n-prompts", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--suite", nargs="+", choices=["extraction", "selection"], default=["extraction", "selection"])
+    parser.add_argument("--selection-val", type=int, default=16, help="val prompts per side in the selection benchmark")
     args = parser.parse_args(argv)
 
     from refusal_lens.manifest import versions
 
+    out = RESULTS / f"{machine_name()}.json"
+    record = json.loads(out.read_text()) if out.exists() else {}
+    record.update({"created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                   "machine": machine_name(), "versions": versions()})
+    if "extraction" in args.suite:
+        record["extraction"] = _extraction(args)
+    if "selection" in args.suite:
+        result = selection.compare(n_val=args.selection_val)
+        print(f"selection: ours {result['ours_seconds']:.0f} s vs reference {result['reference_seconds']:.0f} s "
+              f"= {result['speed_ratio']:.2f}x; same pick: {result['same_pick']} ({result['ours_best']}); "
+              f"scored {result['scored_by_ours']} of {result['candidates']} candidates fully")
+        record["selection"] = result
+    RESULTS.mkdir(exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+def _extraction(args) -> list[dict]:
     rows = [extraction.compare(args.model, n, args.batch_size) for n in args.n_prompts]
     print(f"{'prompts':>8} {'stream p/s':>11} {'naive p/s':>10} {'speed x':>8} "
           f"{'stream MB':>10} {'naive MB':>9} {'mem ratio':>10} {'same mean':>10}")
@@ -42,13 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['n_prompts']:>8} {r['streaming']['prompts_per_s']:>11.1f} {r['naive']['prompts_per_s']:>10.1f} "
               f"{r['throughput_ratio']:>8.2f} {r['streaming']['extra_rss_mb']:>10.0f} {r['naive']['extra_rss_mb']:>9.0f} "
               f"{r['extra_memory_ratio']:>10.3f} {str(r['same_mean']):>10}")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"{machine_name()}.json"
-    record = {"created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "machine": machine_name(), "versions": versions(), "extraction": rows}
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out}")
-    return 0
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """Command line: ``refusal-lens`` / ``python -m refusal_lens``.
 
 Subcommands:
-    run      load a model and write ``runs/<model>/summary.json`` with a manifest
-             (the full extraction → selection → intervention pipeline lands here
-             as those stages are built)
+    run      the whole pipeline on one model (extraction, statistics, selection,
+             interventions), writing ``runs/<model>/`` with a report and a manifest
     models   list the models that load offline
+    organism train | eval   rebuild the refusal organism's adapter / rerun its behaviour report
 """
 
 from __future__ import annotations
@@ -12,11 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 import time
 from pathlib import Path
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_MODEL = "smollm2-135m-refusal"
 # A harmless prompt: its full completion may be shown.
 _SUMMARY_PROMPT = "Give three tips for staying healthy."
 
@@ -67,20 +66,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import transformer_lens.model_bridge  # noqa: F401  (imported first so load_seconds excludes imports)
 
     from . import load_model
-    from .manifest import write_manifest
+    from .pipeline import RunConfig, run, summary_lines
 
     started = time.perf_counter()
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
-    load_seconds = time.perf_counter() - started
-    summary = summarize(model, load_seconds)
+    model = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    summary = summarize(model, time.perf_counter() - started)
     out = Path(args.out) / run_slug(args.model)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    write_manifest(out, model=model.info.__dict__, command=" ".join(sys.argv), stage="load-and-summarize")
-    width = max(len(k) for k in summary)
-    for key, value in summary.items():
-        print(f"{key:<{width}}  {value}")
-    print(f"\nwrote {out / 'summary.json'} and {out / 'manifest.json'}")
+    print(f"{summary['model']}: {summary['family']} chat format, {summary['n_layers']} layers, "
+          f"d_model {summary['d_model']}, loaded in {summary['load_seconds']} s")
+    config = RunConfig(n_val=args.n_val, n_test=args.n_test, n_boot=args.n_boot)
+    report = run(model, out, config)
+    print("\n".join(["", *summary_lines(report), "", f"wrote {out}/ (report.json, manifest.json, tables)"]))
     return 0
 
 
@@ -92,6 +90,25 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_organism(args: argparse.Namespace) -> int:
+    from . import load_model, organism
+
+    out = Path(args.out) if args.out else organism.adapter_dir()
+    if args.action == "train":
+        manifest = organism.train(out, organism.Recipe(seed=args.seed))
+        print(f"adapter: {manifest['adapter_bytes'] / 1e6:.1f} MB, sha256 {manifest['adapter_sha256'][:16]}..., "
+              f"{manifest['train_seconds']:.0f} s")
+    shared = Path(args.shared) if args.shared else None
+    tuned = load_model(organism.ORGANISM, device="cpu", adapter=out)
+    base = load_model(organism.ORGANISM, device="cpu", base=True)
+    report = organism.behaviour(tuned, base, shared=shared)
+    (out / "behaviour.json").write_text(json.dumps(report, indent=2) + "\n")
+    for name, rate in report["refusal_rate"].items():
+        print(f"{name:<26} refusal {rate:6.1%}  (n={report['n'][name]})")
+    print(f"KL(base || organism), harmless next token: {report['kl_base_to_tuned_harmless']:.4f} nats")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="refusal-lens", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -100,9 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="runs", help="parent folder of the run directory (default runs/)")
     run.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     run.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: float32 on CPU)")
+    run.add_argument("--trust-remote-code", action="store_true", help="for hub models that need it (Qwen-1)")
+    run.add_argument("--n-val", type=int, default=32, help="validation prompts per side for selection")
+    run.add_argument("--n-test", type=int, default=None, help="test prompts per side (default: whole test split)")
+    run.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
     run.set_defaults(func=_cmd_run)
     models = sub.add_parser("models", help="list the models that load offline")
     models.set_defaults(func=_cmd_models)
+    org = sub.add_parser("organism", help="rebuild or evaluate the refusal model organism")
+    org.add_argument("action", choices=["train", "eval"])
+    org.add_argument("--out", default=None, help="adapter folder (default: the one shipped in the package)")
+    org.add_argument("--seed", type=int, default=0)
+    org.add_argument("--shared", default=None,
+                     help="folder of public benchmark files (advbench.json, harmless_val.json) to evaluate on")
+    org.set_defaults(func=_cmd_organism)
     return parser
 
 

@@ -113,6 +113,10 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
 }
 
 
+# Fine-tuned model organisms: name -> the offline model their adapter was trained on (see organism.py).
+ORGANISMS: dict[str, str] = {"smollm2-135m-refusal": "smollm2-135m-instruct"}
+
+
 def _cached_hf_dir(entry: OfflineModel) -> Path:
     """The float32 HF directory for an offline model, dequantizing the GGUF on first use."""
     try:
@@ -175,6 +179,8 @@ class ModelInfo:
     dtype: str
     device: str
     offline: bool
+    adapter_sha256: str | None = None
+    base_twin: bool = False
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None, device: str) -> torch.dtype:
@@ -212,7 +218,7 @@ def _resolve_source(spec: str) -> tuple[str, OfflineModel | None]:
     if "/" in spec and not spec.startswith((".", "/", "~")):
         return spec, None  # a hub id
     raise ModelLoadError(
-        f"unknown model {spec!r}. Offline models: {', '.join(OFFLINE_MODELS)}. "
+        f"unknown model {spec!r}. Offline models: {', '.join([*OFFLINE_MODELS, *ORGANISMS])}. "
         "Hub ids look like 'org/name' (e.g. 'Qwen/Qwen-1_8B-chat') and need network access; "
         "local Hugging Face directories are accepted by path."
     )
@@ -225,19 +231,25 @@ def load_hf(
     dtype: torch.dtype | str | None = None,
     device_map: str | dict | None = None,
     trust_remote_code: bool = False,
+    base: bool = False,
+    adapter: str | Path | None = None,
 ):
     """Load the Hugging Face model and tokenizer behind ``spec``; returns ``(hf_model, tokenizer, source, entry)``.
 
-    The tokenizer is set to left padding and given a pad token (its EOS) if it has none.
+    An organism spec loads its base model and merges its adapter (the shipped one, or
+    the folder ``adapter``), unless ``base=True`` (the untuned twin). The tokenizer is
+    set to left padding and given a pad token (its EOS) if it has none.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if (base or adapter is not None) and spec not in ORGANISMS:
+        raise ValueError(f"base=True and adapter= apply to fine-tuned organisms ({', '.join(ORGANISMS)}), not {spec!r}")
     if device is not None and device_map is not None:
         raise ValueError("pass either device or device_map, not both")
     if device_map is None:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = _resolve_dtype(dtype, device or _device_map_kind(device_map))
-    source, entry = _resolve_source(spec)
+    source, entry = _resolve_source(ORGANISMS.get(spec, spec))
     kwargs = dict(dtype=torch_dtype, attn_implementation="eager", trust_remote_code=trust_remote_code)
     if device_map is not None:
         kwargs["device_map"] = device_map
@@ -252,6 +264,10 @@ def load_hf(
                 f"use an offline model: {', '.join(OFFLINE_MODELS)}."
             ) from exc
         raise
+    if spec in ORGANISMS and not base:
+        from .organism import merge_adapter
+
+        hf_model = merge_adapter(hf_model, adapter)
     if device_map is None:
         hf_model.to(device)
     hf_model.eval().requires_grad_(False)
@@ -269,17 +285,22 @@ def load_model(
     device_map: str | dict | None = None,
     chat: str | ChatFormat | None = None,
     trust_remote_code: bool = False,
+    base: bool = False,
+    adapter: str | Path | None = None,
 ):
     """Load a model as a TransformerLens ``TransformerBridge`` with its chat format attached.
 
     Args:
-        spec: an offline name (see :data:`OFFLINE_MODELS`), a hub id, or a local HF directory.
+        spec: an offline name (see :data:`OFFLINE_MODELS`), an organism (see :data:`ORGANISMS`),
+            a hub id, or a local HF directory.
         device: ``"cpu"``, ``"cuda"``, ...; default CUDA when available. Exclusive with ``device_map``.
         dtype: default float32 on CPU, bfloat16 on CUDA. Half precision on CPU is refused.
         device_map: passed to Hugging Face (accelerate), e.g. ``"auto"`` to split a large model
             over several GPUs.
         chat: chat-format family or a custom :class:`ChatFormat`; detected from the name otherwise.
         trust_remote_code: needed by some hub models (e.g. ``Qwen/Qwen-1_8B-chat``).
+        base: for an organism, load its untuned base twin instead (for base-vs-chat comparisons).
+        adapter: for an organism, merge the adapter in this folder instead of the shipped one.
 
     Returns:
         The bridge, with ``.chat`` (bound :class:`ChatFormat`) and ``.info`` (:class:`ModelInfo`).
@@ -287,7 +308,8 @@ def load_model(
     from transformer_lens.model_bridge import TransformerBridge
 
     hf_model, tokenizer, source, entry = load_hf(
-        spec, device=device, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code
+        spec, device=device, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code, base=base,
+        adapter=adapter,
     )
     if chat is None:
         chat = entry.family if entry else detect_family(spec, getattr(hf_model.config, "model_type", None))
@@ -304,5 +326,43 @@ def load_model(
         dtype=str(hf_model.dtype).removeprefix("torch."),
         device=str(next(hf_model.parameters()).device),
         offline=entry is not None,
+        adapter_sha256=_adapter_sha256(adapter) if spec in ORGANISMS and not base else None,
+        base_twin=base,
     )
     return model
+
+
+def _adapter_sha256(folder: str | Path | None) -> str:
+    from .organism import adapter_dir
+
+    return json.loads((Path(folder or adapter_dir()) / "manifest.json").read_text())["adapter_sha256"]
+
+
+def save_hf(model, path: str | Path, *, card: dict | None = None) -> Path:
+    """Save a bridge's weights as a plain Hugging Face model directory (config, safetensors, tokenizer).
+
+    The bridge wraps HF modules in place; this rebuilds a clean HF model from the
+    config, loads the unwrapped weights strictly (every expected tensor must be
+    found), unties the output head if the bridge's copy was untied (as
+    ``orthogonalize_weights`` does), and writes ``refusal_lens.json`` with ``card``.
+    """
+    import copy as _copy
+
+    from transformers import AutoModelForCausalLM
+
+    hf = model.original_model
+    weights = {k.replace("._original_component", ""): v for k, v in hf.state_dict().items()}
+    config = _copy.deepcopy(hf.config)
+    embed, head = model.embed.original_component.weight, model.unembed.original_component.weight
+    config.tie_word_embeddings = embed.data_ptr() == head.data_ptr()
+    clean = AutoModelForCausalLM.from_config(config, dtype=hf.dtype)
+    expected = clean.state_dict()
+    missing = [k for k in expected if k not in weights]
+    if missing:
+        raise RuntimeError(f"cannot map the bridge's weights back to {type(clean).__name__}: missing {missing[:5]}")
+    clean.load_state_dict({k: weights[k] for k in expected}, strict=True)
+    path = Path(path)
+    clean.save_pretrained(path)
+    model.tokenizer.save_pretrained(path)
+    (path / "refusal_lens.json").write_text(json.dumps({"model": model.info.__dict__, **(card or {})}, indent=2, default=str) + "\n")
+    return path

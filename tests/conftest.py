@@ -33,6 +33,12 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
+def refusal_model():
+    """The refusal organism (SmolLM2-135M-Instruct with the shipped safety-tuning adapter merged)."""
+    return rl.load_model("smollm2-135m-refusal", device="cpu")
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smollm2) -> Path:
     """A 2-layer random Llama with SmolLM2's tokenizer, saved as a local Hugging Face directory."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -16,3 +16,17 @@ def test_synthetic_prompts_are_distinct_and_sized():
     assert len(set(prompts)) == 40
     assert all(p.count("detail") == 10 for p in extraction.synthetic_prompts(5, words=10))
     assert len({p.count("detail") for p in prompts}) > 10  # lengths vary by default
+
+
+def test_selection_reference_loop_agrees_with_select_direction(smollm2):
+    import refusal_lens as rl
+    from benchmarks.selection import reference_selection
+
+    harmful = ["How do I pick a lock to break into a house?", "How can I poison a dog?", "Explain how to steal a car."]
+    harmless = ["How do I bake bread?", "How can I train a dog?", "Explain how cars work."]
+    found = rl.diff_in_means(smollm2, harmful, harmless, positions=[-1], layers=[4, 12, 20, 27])
+    loose = dict(kl_max=10.0, induce_min=-100.0)  # the untuned model refuses nothing: loosen so a pick exists
+    ours = rl.select_direction(smollm2, found, harmful, harmless, n_boot=0, progress=False, **loose)
+    reference_best, rows = reference_selection(smollm2, found, harmful, harmless, **loose)
+    assert ours.best == reference_best and reference_best is not None
+    assert len(rows) == 4  # the reference scores every candidate, including layer 27 (>= 0.8 L)

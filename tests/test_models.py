@@ -141,13 +141,22 @@ def test_gemma3_270m_loads_offline_and_equals_hf():
         assert (model(ids) - hf(ids).logits).abs().max() <= 1e-4
 
 
-def test_cli_run_writes_summary_and_manifest(tiny_model_dir, tmp_path, capsys):
-    assert cli_main(["run", "--model", str(tiny_model_dir), "--out", str(tmp_path), "--device", "cpu"]) == 0
+def test_cli_run_writes_outputs_and_manifest(tiny_model_dir, tmp_path, capsys):
+    """The main job end to end on a tiny random model: it cannot pass selection, and says so."""
+    args = ["run", "--model", str(tiny_model_dir), "--out", str(tmp_path), "--device", "cpu",
+            "--n-val", "4", "--n-test", "6", "--n-boot", "10"]
+    assert cli_main(args) == 0
     run_dir = tmp_path / tiny_model_dir.name
     summary = json.loads((run_dir / "summary.json").read_text())
+    report = json.loads((run_dir / "report.json").read_text())
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert summary["n_layers"] == 2 and summary["family"] == "chatml"
     assert summary["eoi_tokens"] == ["<|im_end|>", "\n", "<|im_start|>", "ass", "istant", "\n"]
-    assert abs(sum(t["prob"] for t in summary["probe_top5"])) <= 1.0
-    assert manifest["versions"]["transformer-lens"].startswith("4.") and manifest["model"]["spec"] == str(tiny_model_dir)
-    assert "n_layers" in capsys.readouterr().out
+    assert report["selected"] is None and "no candidate passed" in report["selection_failed"]
+    assert report["data"]["train"]["harmful_sha256"] == rl.load_contrast("refusal-pairs", split="train").hashes()["harmful_sha256"]
+    assert manifest["versions"]["transformer-lens"].startswith("4.") and manifest["positions"] == list(range(-6, 0))
+    assert manifest["seed"] == 0 and manifest["model"]["spec"] == str(tiny_model_dir)
+    for name in ("directions.safetensors", "cohens_d.csv", "selection.csv", "split_half.csv", "layer_cosines_pos-1.csv"):
+        assert (run_dir / name).exists(), name
+    assert rl.Directions.load(run_dir / "directions.safetensors").vectors.shape == (6, 2, 64)
+    assert "no candidate passed" in capsys.readouterr().out

@@ -1,0 +1,199 @@
+"""Interventions, metrics and selection, each against an independent reference."""
+
+import math
+
+import pytest
+import torch
+
+import refusal_lens as rl
+from refusal_lens.interventions import _projection_hook, orthonormal_basis
+from refusal_lens.metrics import kl_divergence, refusal_log_odds
+
+from .conftest import PROMPTS
+
+SITES_TO_CHECK = ["hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_mid", "hook_resid_post"]
+
+
+def unit(d: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(d, generator=generator), dim=0)
+
+
+def record(model, names):
+    """Hooks that store what a site holds after every earlier hook on it ran."""
+    seen = {}
+    return seen, [(name, lambda x, hook, name=name: seen.__setitem__(name, x.detach().clone())) for name in names]
+
+
+def logits(model, prompts, hooks=()):
+    batch = model.chat.tokenize(prompts)
+    with torch.no_grad(), model.hooks(fwd_hooks=list(hooks)):
+        return model(batch["input_ids"], attention_mask=batch["attention_mask"])
+
+
+def test_ablation_leaves_every_site_orthogonal(tiny_model):
+    v = unit(64)
+    names = [f"blocks.{l}.{s}" for l in range(2) for s in SITES_TO_CHECK] + ["ln_final.hook_in"]
+    seen, recorders = record(tiny_model, names)
+    with rl.ablate(tiny_model, v):
+        logits(tiny_model, PROMPTS, recorders)
+    for name, x in seen.items():
+        mask = tiny_model.chat.tokenize(PROMPTS)["attention_mask"].bool()
+        x = x[mask].double()
+        assert ((x @ v.double()).abs() / x.norm(dim=-1).clamp_min(1e-12)).max() <= 1e-5, name
+
+
+def test_ablating_twice_equals_once_and_alpha_scales(tiny_model):
+    v = unit(64, seed=1)
+    once = logits(tiny_model, PROMPTS, rl.ablate(tiny_model, v).hooks)
+    twice = logits(tiny_model, PROMPTS, [*rl.ablate(tiny_model, v).hooks, *rl.ablate(tiny_model, v).hooks])
+    torch.testing.assert_close(twice, once, rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits(tiny_model, PROMPTS, rl.ablate(tiny_model, v, alpha=0).hooks),
+                               logits(tiny_model, PROMPTS), rtol=0, atol=0)
+    x = torch.randn(3, 5, 64)
+    flipped = _projection_hook(orthonormal_basis(v, 64), 2.0)(x, None)  # r - 2<r,v>v reflects the component
+    torch.testing.assert_close(flipped @ v, -(x @ v), rtol=0, atol=1e-5)
+
+
+def test_no_hook_is_left_after_an_exception(tiny_model):
+    with pytest.raises(RuntimeError, match="inside"):
+        with rl.ablate(tiny_model, unit(64)):
+            assert any(hp._forward_hooks for hp in tiny_model.hook_dict.values())
+            raise RuntimeError("inside")
+    assert all(not hp._forward_hooks for hp in tiny_model.hook_dict.values())
+
+
+def test_rank_k_ablation_removes_the_whole_span(tiny_model):
+    basis = torch.stack([unit(64, s) for s in range(3)])
+    seen, recorders = record(tiny_model, ["blocks.1.hook_resid_pre"])
+    with rl.ablate(tiny_model, basis):
+        logits(tiny_model, PROMPTS[:1], recorders)
+    assert (seen["blocks.1.hook_resid_pre"].double() @ basis.double().T).abs().max() <= 1e-5
+    q = orthonormal_basis(basis, 64).double()
+    torch.testing.assert_close(q @ q.T, torch.eye(3, dtype=torch.float64), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "bad,error",
+    [(torch.ones(32), "d_model = 64"), (torch.full((64,), math.nan), "NaN"), (torch.zeros(64), "span only 0"),
+     (torch.stack([unit(64), 2 * unit(64)]), "span only 1")],
+)
+def test_bad_directions_are_refused(tiny_model, bad, error):
+    with pytest.raises(rl.InvalidDirectionError, match=error):
+        rl.ablate(tiny_model, bad)
+
+
+def test_half_precision_activations_are_projected_in_float32():
+    v = unit(64)
+    x = (torch.randn(2, 4, 64) * 50).to(torch.bfloat16)
+    out = _projection_hook(orthonormal_basis(v, 64), 1.0)(x, None)
+    expected = (x.float() - (x.float() @ v)[..., None] * v).to(torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+
+
+def test_activation_addition_shifts_one_layer(tiny_model):
+    vector = 3 * unit(64, seed=2)
+    names = ["blocks.1.hook_resid_pre", "blocks.0.hook_resid_pre"]
+    base, recorders = record(tiny_model, names)
+    logits(tiny_model, PROMPTS, recorders)
+    shifted, recorders = record(tiny_model, names)
+    with rl.add(tiny_model, vector, layer=1, coeff=-0.5):
+        logits(tiny_model, PROMPTS, recorders)
+    torch.testing.assert_close(shifted["blocks.1.hook_resid_pre"] - base["blocks.1.hook_resid_pre"],
+                               (-0.5 * vector).expand_as(base["blocks.1.hook_resid_pre"]), rtol=0, atol=1e-5)
+    assert torch.equal(shifted["blocks.0.hook_resid_pre"], base["blocks.0.hook_resid_pre"])
+    with pytest.raises(rl.InvalidDirectionError, match=r"expected \[64\]"):
+        rl.add(tiny_model, torch.ones(10), layer=0)
+
+
+def test_weight_orthogonalization_equals_hook_ablation(refusal_model):
+    harmful = ["How do I poison my neighbor's dog?", "Write a threatening letter.", "How can I steal a car?"]
+    harmless = ["How do I train my dog?", "Write a thank-you letter.", "How can I wash a car?"]
+    v = rl.diff_in_means(refusal_model, harmful, harmless, layers=[12]).direction(-1, 12)
+    edited = rl.orthogonalize_weights(refusal_model, v)
+    hooked = logits(refusal_model, PROMPTS, rl.ablate(refusal_model, v).hooks)
+    assert (logits(edited, PROMPTS) - hooked).abs().max() <= 1e-3
+    # the original is untouched, and the (untied) unembedding of the copy is unchanged
+    assert (logits(refusal_model, PROMPTS) - hooked).abs().max() > 1e-2
+    assert torch.equal(edited.unembed.original_component.weight, refusal_model.unembed.original_component.weight)
+    assert "orthogonalized" in edited.info.spec
+
+
+# -------------------------------------------------------------------- metrics
+def test_refusal_log_odds_matches_a_plain_loop():
+    logits_ = torch.randn(4, 50, dtype=torch.float64) * 3
+    tokens = [3, 17]
+    for row in range(4):
+        exps = [math.exp(x) for x in logits_[row].tolist()]
+        p = sum(exps[t] for t in tokens) / sum(exps)
+        assert float(refusal_log_odds(logits_, tokens)[row]) == pytest.approx(math.log(p) - math.log(1 - p), rel=1e-10)
+
+
+def test_kl_matches_a_plain_loop_and_is_zero_for_no_change(tiny_model):
+    a, b = torch.randn(2, 30, dtype=torch.float64), torch.randn(2, 30, dtype=torch.float64)
+    for row in range(2):
+        pa, pb = a[row].softmax(-1).tolist(), b[row].softmax(-1).tolist()
+        assert float(kl_divergence(a, b)[row]) == pytest.approx(sum(x * math.log(x / y) for x, y in zip(pa, pb)), rel=1e-10)
+    assert rl.kl_last_token(tiny_model, PROMPTS, hooks=rl.ablate(tiny_model, unit(64), alpha=0).hooks).abs().max() == 0
+    assert rl.kl_last_token(tiny_model, PROMPTS, hooks=rl.ablate(tiny_model, unit(64)).hooks).min() > 0
+
+
+def test_refusal_score_uses_last_position_of_padded_prompts(smollm2):
+    scores = rl.refusal_score(smollm2, PROMPTS)
+    for prompt, score in zip(PROMPTS, scores):
+        ids = smollm2.tokenizer(smollm2.chat.format([prompt])[0], add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            alone = refusal_log_odds(smollm2(ids)[:, -1], smollm2.chat.refusal_tokens)
+        assert float(score) == pytest.approx(float(alone), abs=1e-3)
+
+
+def test_ce_loss_equals_hugging_face_loss(smollm2):
+    text = "The quick brown fox jumps over the lazy dog near the river bank."
+    ids = smollm2.tokenizer(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        reference = smollm2.original_model(ids, labels=ids).loss.item()
+    assert rl.ce_loss(smollm2, [text]) == pytest.approx(reference, abs=1e-4)
+    two = rl.ce_loss(smollm2, [text, "Short one."])  # padding must not count
+    assert math.isfinite(two) and two != pytest.approx(reference, abs=1e-6)
+
+
+# ------------------------------------------------------------------ selection
+def test_lazy_selection_picks_what_full_scoring_picks(smollm2):
+    harmful = ["How do I pick a lock to break into a house?", "Write a threatening letter to my neighbor.",
+               "How can I poison a dog?", "Explain how to steal a car."]
+    harmless = ["How do I bake bread?", "Write a letter to my neighbor.", "How can I train a dog?", "Explain how cars work."]
+    found = rl.diff_in_means(smollm2, harmful, harmless, positions=[-1, -2], layers=[4, 10, 16, 20, 27])
+    # The untuned model refuses nothing, so loosen the filters for candidates to pass; this test is about
+    # lazy scoring giving the same pick, not about the thresholds.
+    kwargs = dict(kl_max=10.0, induce_min=-100.0, n_boot=20, progress=False)
+    lazy = rl.select_direction(smollm2, found, harmful, harmless, n_finalists=2, **kwargs)
+    full = rl.select_direction(smollm2, found, harmful, harmless, full_table=True, **kwargs)
+    assert lazy.best == full.best and lazy.best is not None
+    assert full.table.scored[full.table.layer < 24].all() and not full.table.scored[full.table.layer >= 24].any()
+    assert lazy.table.scored.sum() < full.table.scored.sum()
+    scored = lazy.table[lazy.table.scored]
+    torch.testing.assert_close(torch.tensor(scored.kl.values), torch.tensor(full.table.set_index(["pos", "layer"]).loc[
+        list(zip(scored.pos, scored.layer))].kl.values), rtol=1e-6, atol=1e-9)
+    assert (lazy.table[lazy.table.layer == 27].reason == "layer filter").all()
+    assert 0 <= lazy.win_rate <= 1 and lazy.direction.norm() == pytest.approx(1.0)
+    row = lazy.best_row
+    assert row.kept and row.bypass == lazy.table[lazy.table.kept].bypass.min()
+
+
+def test_orthogonalized_model_exports_to_hugging_face(tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+    import json
+
+    v = unit(64, seed=5)
+    edited = rl.orthogonalize_weights(tiny_model, v)
+    path = edited.save_hf(tmp_path / "export")
+    reloaded = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    assert reloaded.config.tie_word_embeddings is False  # the head was untied before editing W_E
+    ids = tiny_model.chat.tokenize(PROMPTS)["input_ids"]
+    mask = tiny_model.chat.tokenize(PROMPTS)["attention_mask"]
+    with torch.no_grad():
+        exported = reloaded(ids, attention_mask=mask).logits
+    hooked = logits(tiny_model, PROMPTS, rl.ablate(tiny_model, v).hooks)
+    assert (exported - hooked).abs().max() <= 1e-3
+    card = json.loads((path / "refusal_lens.json").read_text())
+    assert card["edit"] == "orthogonalize_weights" and len(card["direction"]) == 64
