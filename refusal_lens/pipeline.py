@@ -88,11 +88,20 @@ def run(model, out: str | Path, config: RunConfig = RunConfig(), log=print) -> d
         "selected": None,
         "seconds": timings,
     }
-    if selection.best is None:
-        report["selection_failed"] = ("no candidate passed the filters (induce > 0, KL < 0.1, layer < 0.8 L); "
-                                      "see selection.csv. Interventions were skipped.")
+    candidate, note = selection.best, "passed the paper's filters"
+    if candidate is None:
+        # No candidate passed. Fall back, explicitly, to the lowest-bypass candidate that still induces
+        # refusal, so the run shows what the direction does; the report flags that KL was not met.
+        inducing = selection.table[selection.table.scored & (selection.table.induce > 0)].sort_values("bypass")
+        if len(inducing):
+            candidate = (int(inducing.iloc[0].pos), int(inducing.iloc[0].layer))
+            note = "fallback: no candidate passed KL < 0.1; lowest bypass among those with induce > 0"
+    if candidate is None:
+        report["selection_failed"] = ("no candidate passed the filters (induce > 0, KL < 0.1, layer < 0.8 L) and none "
+                                      "induces refusal; see selection.csv. Interventions were skipped.")
     else:
-        report.update(_interventions(model, selection, separability, stability, harmful_test, harmless_test, config))
+        report.update(_interventions(model, selection, candidate, note, separability, stability, harmful_test,
+                                     harmless_test, config))
         step("interventions")
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     write_manifest(out, model=asdict(model.info), data=report["data"], positions=directions.positions,
@@ -100,10 +109,12 @@ def run(model, out: str | Path, config: RunConfig = RunConfig(), log=print) -> d
     return report
 
 
-def _interventions(model, selection, separability, stability, harmful_test, harmless_test, config) -> dict:
-    """Refusal with ablation and addition, KL, CE and the orthogonalization check for the selected direction."""
-    pos, layer = selection.best
-    direction, vector = selection.direction, selection.vector
+def _interventions(model, selection, candidate, note, separability, stability, harmful_test, harmless_test,
+                   config) -> dict:
+    """Refusal with ablation and addition, KL, CE and the orthogonalization check for one candidate."""
+    pos, layer = candidate
+    direction = selection.directions.direction(pos, layer)
+    vector = selection.directions.direction(pos, layer, unit=False)
     gen = dict(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
     harmful_base = generate(model, harmful_test, **gen)
     harmful_ablated = generate(model, harmful_test, hooks=ablate(model, direction).hooks, **gen)
@@ -123,11 +134,12 @@ def _interventions(model, selection, separability, stability, harmful_test, harm
         ortho_diff = float((edited(probe["input_ids"], attention_mask=probe["attention_mask"]) - hooked).abs().max())
     del edited
 
-    best = selection.best_row
     at = lambda table: table[(table.pos == pos) & (table.layer == layer)]  # noqa: E731
+    row = at(selection.table).iloc[0]
     return {
-        "selected": {"pos": pos, "layer": layer, "bypass": best.bypass, "induce": best.induce, "kl": best.kl,
-                     "bootstrap_win_rate": selection.win_rate, "baseline_scores": selection.baseline},
+        "selected": {"pos": pos, "layer": layer, "bypass": row.bypass, "induce": row.induce, "kl": row.kl,
+                     "how": note, "bootstrap_win_rate": selection.win_rate if selection.best else None,
+                     "baseline_scores": selection.baseline},
         "cohens_d_selected": round(float(at(separability).d.iloc[0]), 3),
         "split_half_cosine_selected": round(float(at(stability).cosine.iloc[0]), 4),
         "refusal_rate": {
@@ -154,7 +166,7 @@ def summary_lines(report: dict) -> list[str]:
     rates, sel = report["refusal_rate"], report["selected"]
     return [
         f"model                     {report['model']['spec']}",
-        f"selected direction        pos {sel['pos']}, layer {sel['layer']} (bootstrap win rate {sel['bootstrap_win_rate']})",
+        f"selected direction        pos {sel['pos']}, layer {sel['layer']} ({sel['how']}; bootstrap win rate {sel['bootstrap_win_rate']})",
         f"  bypass / induce / KL    {sel['bypass']:.2f} / {sel['induce']:.2f} / {sel['kl']:.4f} (val)",
         f"Cohen's d peak (test)     {report['cohens_d_peak']['d']} at pos {report['cohens_d_peak']['pos']}, layer {report['cohens_d_peak']['layer']}",
         f"harmful refusal           {rates['harmful_baseline']:.1%} -> {rates['harmful_ablated']:.1%} with ablation",
