@@ -152,17 +152,13 @@ def mean_activations(
     Memory is one ``[pos, layer, d_model]`` float64 sum, whatever the number of prompts.
     ``layer`` indexes ``layers`` (default: all layers, so it is the layer number).
     """
-    total: Tensor | None = None
+    prompts = check_prompts(prompts)
+    positions, layers = _resolve(model, positions, layers)
+    total = torch.zeros(len(positions), len(layers), model.cfg.d_model, dtype=torch.float64)
 
     def accumulate(_start: int, layer_index: int, acts: Tensor) -> None:
-        nonlocal total
-        batch_sum = acts.to(torch.float64).sum(0).cpu()  # [pos, d_model]
-        if total is None:
-            total = torch.zeros(batch_sum.shape[0], n_layers, batch_sum.shape[1], dtype=torch.float64)
-        total[:, layer_index] += batch_sum
+        total[:, layer_index] += acts.to(torch.float64).sum(0).cpu()  # [pos, d_model]
 
-    n_layers = model.cfg.n_layers if layers is None else len(layers)
-    prompts = check_prompts(prompts)
     stream(model, prompts, accumulate, positions=positions, layers=layers, hook=hook,
            batch_size=batch_size, system=system, progress=progress)
     return total / len(prompts)
@@ -181,13 +177,10 @@ def activations(
 ) -> Float[Tensor, "batch pos layer d_model"]:
     """Per-prompt activations in float32 on CPU, for statistics; ``layer`` indexes ``layers``."""
     prompts = check_prompts(prompts)
-    n_layers = model.cfg.n_layers if layers is None else len(layers)
-    out: Tensor | None = None
+    positions, layers = _resolve(model, positions, layers)
+    out = torch.empty(len(prompts), len(positions), len(layers), model.cfg.d_model, dtype=torch.float32)
 
     def store(start: int, layer_index: int, acts: Tensor) -> None:
-        nonlocal out
-        if out is None:
-            out = torch.empty(len(prompts), acts.shape[1], n_layers, acts.shape[2], dtype=torch.float32)
         out[start : start + acts.shape[0], :, layer_index] = acts.float().cpu()
 
     stream(model, prompts, store, positions=positions, layers=layers, hook=hook,

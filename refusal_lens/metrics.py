@@ -63,13 +63,17 @@ def safe_excerpt(text: str, limit: int = 60) -> str:
     return text[:limit]
 
 
+# Slices the residual before the final norm to the last position, so only it is unembedded.
+LAST_POSITION_ONLY = ("ln_final.hook_in", lambda x, hook: x[:, -1:])
+
+
 def last_token_logits(model, instructions: Sequence[str], *, hooks: Sequence = (), batch_size: int = 32,
                       system: str | None = None) -> Float[Tensor, "batch d_vocab"]:
     """Logits after the last prompt token (float32, CPU), with ``hooks`` active."""
     instructions = check_prompts(instructions)
     device = model.cfg.device
     rows = []
-    with torch.no_grad(), model.hooks(fwd_hooks=list(hooks)):
+    with torch.no_grad(), model.hooks(fwd_hooks=[*hooks, LAST_POSITION_ONLY]):
         for start in range(0, len(instructions), batch_size):
             batch = model.chat.tokenize(instructions[start : start + batch_size], system=system)
             logits = model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))

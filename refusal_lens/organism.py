@@ -43,7 +43,7 @@ from torch import Tensor
 
 from .data import load_contrast, read_instructions, sample
 from .manifest import text_hash, versions
-from .metrics import REFUSAL_SUBSTRINGS, is_refusal, safe_excerpt
+from .metrics import REFUSAL_SUBSTRINGS, is_refusal, kl_divergence, last_token_logits, safe_excerpt
 
 ORGANISM = "smollm2-135m-refusal"
 BASE_MODEL = "smollm2-135m-instruct"
@@ -242,15 +242,8 @@ def train(out: str | Path, recipe: Recipe = Recipe(), log=print) -> dict:
 # ---------------------------------------------------------------- evaluation
 def next_token_kl(base, tuned, instructions: list[str], batch_size: int = 16) -> float:
     """Mean KL(base || tuned) of the next-token distribution after the prompt, in nats (float64)."""
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(instructions), batch_size):
-            batch = base.chat.tokenize(instructions[start : start + batch_size])
-            logp = [m(batch["input_ids"], attention_mask=batch["attention_mask"])[:, -1].double().log_softmax(-1)
-                    for m in (base, tuned)]
-            total += float((logp[0].exp() * (logp[0] - logp[1])).sum())
-            count += logp[0].shape[0]
-    return total / count
+    return float(kl_divergence(last_token_logits(base, instructions, batch_size=batch_size),
+                               last_token_logits(tuned, instructions, batch_size=batch_size)).mean())
 
 
 def behaviour(tuned, base, *, shared: Path | None = None, n_public: int = 100, max_new_tokens: int = 48,

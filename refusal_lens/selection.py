@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from .activations import check_prompts
 from .directions import Directions
 from .interventions import ablate, add
-from .metrics import kl_divergence, refusal_log_odds
+from .metrics import LAST_POSITION_ONLY, kl_divergence, refusal_log_odds
 
 
 @dataclass
@@ -87,9 +87,8 @@ class _Scorer:
 
     def logits(self, hooks: Sequence = ()) -> Float[Tensor, "batch d_vocab"]:
         device = self.model.cfg.device
-        last_only = [("ln_final.hook_in", lambda x, hook: x[:, -1:])]  # unembed the last position only
         rows = []
-        with torch.no_grad(), self.model.hooks(fwd_hooks=[*hooks, *last_only]):
+        with torch.no_grad(), self.model.hooks(fwd_hooks=[*hooks, LAST_POSITION_ONLY]):
             for batch in self.batches:
                 out = self.model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
                 rows.append(out[:, -1].float().cpu())
