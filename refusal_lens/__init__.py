@@ -5,6 +5,7 @@ by a Single Direction" (NeurIPS 2024). See README.md for usage.
 """
 
 from . import stats
+from .attribution import head_attribution
 from .activations import SITES, activations, eoi_positions, hook_name, mean_activations, projections
 from .chat import FORMATS, ChatFormat, ChatFormatError, TemplateCheck, chat_format, detect_family
 from .data import ContrastSet, Instruction, load_contrast
@@ -20,7 +21,7 @@ __all__ = [
     "ChatFormat", "ChatFormatError", "ContrastSet", "Directions", "Instruction", "Intervention",
     "InvalidDirectionError", "ModelInfo", "ModelLoadError", "Selection", "TemplateCheck",
     "ablate", "activations", "add", "cache_dir", "ce_loss", "chat_format", "detect_family", "diff_in_means",
-    "eoi_positions", "generate", "hook_name", "is_refusal", "kl_last_token", "load_contrast", "load_direction",
+    "eoi_positions", "generate", "head_attribution", "hook_name", "is_refusal", "kl_last_token", "load_contrast", "load_direction",
     "load_model", "mean_activations", "orthogonalize_weights", "projections", "refusal_score",
     "select_direction", "stats",
 ]

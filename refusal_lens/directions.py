@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -78,6 +78,16 @@ class Directions:
             raise KeyError(f"no candidate at position {position}, layer {layer}; have positions "
                            f"{self.positions} and layers {self.layers[0]}..{self.layers[-1]}")
         return self.positions.index(position), self.layers.index(layer)
+
+    def subset(self, *, positions: Sequence[int] | None = None, layers: Sequence[int] | None = None) -> Directions:
+        """The candidates at some positions and/or layers only (same metadata)."""
+        positions = self.positions if positions is None else [int(p) for p in positions]
+        layers = self.layers if layers is None else [int(l) for l in layers]
+        p_index = [self.index(p, self.layers[0])[0] for p in positions]
+        l_index = [self.index(self.positions[0], l)[1] for l in layers]
+        grid = (torch.tensor(p_index)[:, None], torch.tensor(l_index)[None, :])
+        return replace(self, vectors=self.vectors[grid], positions=positions, layers=layers,
+                                   valid=self.valid[grid])
 
     def unit(self) -> Float[Tensor, "pos layer d_model"]:
         """Unit-norm candidates; invalid (zero-norm) candidates are zero vectors, see ``valid``."""

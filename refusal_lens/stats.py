@@ -174,3 +174,42 @@ def split_half_stability(
         for l, layer in enumerate(first.layers)
     ]
     return pd.DataFrame(rows)
+
+
+def principal_angles(a: Float[Tensor, "k_a d_model"], b: Float[Tensor, "k_b d_model"]) -> Float[Tensor, "k"]:
+    """Principal angles (degrees, ascending) between the spans of the rows of ``a`` and of ``b``, float64.
+
+    With orthonormal bases ``Q_a, Q_b`` the cosines of the angles are the singular
+    values of ``Q_a Q_b^T`` (Björck & Golub); ``k = min(rank a, rank b)``.
+    """
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    a, b = a[None] if a.ndim == 1 else a, b[None] if b.ndim == 1 else b
+    if a.shape[-1] != b.shape[-1]:
+        raise ValueError(f"subspaces live in different spaces: width {a.shape[-1]} vs {b.shape[-1]}")
+    q_a, q_b = torch.linalg.qr(a.T).Q, torch.linalg.qr(b.T).Q
+    cosines = torch.linalg.svdvals(q_a.T @ q_b).clamp(-1.0, 1.0)
+    return torch.rad2deg(torch.arccos(cosines)).sort().values
+
+
+def subspace_rank(vectors: Float[Tensor, "n d_model"], *, variance: float = 0.9) -> dict[str, float]:
+    """How many dimensions a set of vectors (e.g. per-layer unit directions) really spans.
+
+    ``effective_rank``: exp of the entropy of the normalized singular values (Roy &
+    Vetterli 2007; 1 for parallel vectors, n for orthogonal ones of equal norm).
+    ``rank_for_variance``: the fewest singular directions holding ``variance`` of
+    the squared norm (uncentred, so a shared direction counts).
+    """
+    vectors = torch.as_tensor(vectors).double()
+    if vectors.ndim != 2 or vectors.shape[0] < 1:
+        raise ValueError(f"expected a [n, d_model] matrix, got shape {tuple(vectors.shape)}")
+    s = torch.linalg.svdvals(vectors)
+    if s.sum() == 0:
+        raise ValueError("all vectors are zero")
+    p = s / s.sum()
+    p = p[p > 0]
+    explained = (s**2).cumsum(0) / (s**2).sum()
+    return {
+        "effective_rank": float(torch.exp(-(p * p.log()).sum())),
+        "rank_for_variance": int((explained < variance - 1e-12).sum()) + 1,
+        "variance": variance,
+    }

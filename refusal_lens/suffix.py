@@ -1,0 +1,245 @@
+"""Adversarial suffixes and what they do to the refusal direction (paper §5).
+
+:func:`gcg_suffix` is a small greedy coordinate gradient search (Zou et al. 2023)
+against the model's own refusal score: each step takes the gradient of the mean
+refusal log-odds of a few harmful prompts with respect to the one-hot suffix
+tokens, proposes ``search_width`` single-token swaps from the ``top_k`` most
+promising tokens per slot, and keeps the best. Only printable ASCII tokens are
+allowed, and a candidate is kept only if its text re-tokenizes to the same ids,
+so the suffix can be used as plain text everywhere else.
+
+:func:`suffix_analysis` compares harmful prompts with and without suffixes and
+harmless prompts: cosine of the last-token activation with the refusal direction,
+refusal score, refusal rate (verdicts only), and for chosen heads the share of
+the last token's attention on the instruction vs the suffix, and their direct
+contribution to the direction.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from .activations import activations, check_prompts
+from .attribution import decompose
+from .generation import generate
+from .metrics import is_refusal, refusal_log_odds, refusal_score
+
+
+@dataclass
+class SuffixSearch:
+    """Result of :func:`gcg_suffix`: the suffix text (appended directly to an instruction) and its history."""
+
+    suffix: str
+    token_ids: list[int]
+    losses: list[float]  # mean refusal log-odds after each step (step 0 = the initial suffix)
+    settings: dict = field(default_factory=dict)
+
+    def apply(self, instructions: Sequence[str]) -> list[str]:
+        return [instruction + self.suffix for instruction in instructions]
+
+
+def allowed_tokens(tokenizer) -> Tensor:
+    """Bool mask over the vocabulary: printable-ASCII, non-special tokens that decode to non-blank text."""
+    special = set(tokenizer.all_special_ids)
+    mask = torch.zeros(len(tokenizer), dtype=torch.bool)
+    for token_id in range(len(tokenizer)):
+        if token_id in special:
+            continue
+        text = tokenizer.decode([token_id])
+        mask[token_id] = bool(text.strip()) and text.isascii() and text.isprintable()
+    return mask
+
+
+def random_suffix(model, n_tokens: int, *, seed: int = 0) -> str:
+    """``n_tokens`` random allowed tokens that re-tokenize to themselves after a space, as text."""
+    tokenizer = model.tokenizer
+    candidates = allowed_tokens(tokenizer).nonzero()[:, 0].tolist()
+    rng = random.Random(seed)
+    while True:
+        ids = rng.sample(candidates, n_tokens)
+        text = tokenizer.decode(ids)
+        if tokenizer(text, add_special_tokens=False)["input_ids"] == ids and text.startswith(" "):
+            return text
+
+
+def _split_prompt(model, instruction: str) -> tuple[list[int], list[int]]:
+    """Token ids of a formatted prompt before the end-of-instruction tokens, and those tokens."""
+    ids = model.chat.tokenize([instruction])["input_ids"][0].tolist()
+    eoi = list(model.chat.eoi_tokens)
+    if ids[-len(eoi):] != eoi:
+        raise ValueError(f"prompt {instruction[:60]!r} does not end with the end-of-instruction tokens")
+    return ids[: -len(eoi)], eoi
+
+
+def gcg_suffix(
+    model,
+    instructions: Sequence[str],
+    *,
+    n_tokens: int = 12,
+    steps: int = 20,
+    top_k: int = 64,
+    search_width: int = 32,
+    seed: int = 0,
+    log=None,
+) -> SuffixSearch:
+    """Greedy coordinate gradient search for a suffix that lowers the mean refusal log-odds of ``instructions``.
+
+    Cost per step: one forward+backward per instruction and ``search_width``
+    forwards per instruction (last-position logits only).
+    """
+    instructions = check_prompts(instructions)
+    hf, tokenizer = model.original_model, model.tokenizer
+    device = model.cfg.device
+    embed = hf.get_input_embeddings().weight  # [d_vocab, d_model]
+    refusal = list(model.chat.refusal_tokens)
+    allowed = allowed_tokens(tokenizer).to(device)
+    generator = torch.Generator().manual_seed(seed)
+    parts = [_split_prompt(model, i) for i in instructions]
+    suffix = tokenizer(" !" * n_tokens, add_special_tokens=False)["input_ids"]
+    if len(suffix) != n_tokens:
+        raise ValueError(f"could not build a {n_tokens}-token initial suffix with this tokenizer")
+
+    def round_trips(ids: list[int]) -> bool:
+        before, eoi = parts[0]
+        text = instructions[0] + tokenizer.decode(ids)
+        return model.chat.tokenize([text])["input_ids"][0].tolist() == before + ids + eoi
+
+    def losses(candidates: Tensor) -> Tensor:  # [n_cand, n_tokens] -> [n_cand] mean log-odds
+        total = torch.zeros(len(candidates), dtype=torch.float64)
+        with torch.no_grad():
+            for before, eoi in parts:
+                ids = torch.cat([torch.tensor(before).expand(len(candidates), -1), candidates.cpu(),
+                                 torch.tensor(eoi).expand(len(candidates), -1)], dim=1).to(device)
+                logits = hf(input_ids=ids, logits_to_keep=1).logits[:, -1]
+                total += refusal_log_odds(logits.float().cpu(), refusal).cpu()
+        return total / len(parts)
+
+    def gradient(ids: list[int]) -> Tensor:  # d loss / d one-hot, [n_tokens, d_vocab]
+        one_hot = torch.zeros(n_tokens, embed.shape[0], device=device, dtype=embed.dtype)
+        one_hot[torch.arange(n_tokens), torch.tensor(ids)] = 1.0
+        one_hot.requires_grad_(True)
+        for before, eoi in parts:
+            with torch.no_grad():
+                fixed_before = embed[torch.tensor(before, device=device)]
+                fixed_eoi = embed[torch.tensor(eoi, device=device)]
+            inputs = torch.cat([fixed_before, one_hot @ embed, fixed_eoi])[None]
+            logits = hf(inputs_embeds=inputs, logits_to_keep=1).logits[:, -1].float()
+            logp = logits.log_softmax(-1)[0, refusal].logsumexp(-1)
+            (logp - torch.log(-torch.expm1(logp))).div(len(parts)).backward()
+        return one_hot.grad.detach()
+
+    started = time.perf_counter()
+    history = [float(losses(torch.tensor([suffix]))[0])]
+    for step in range(steps):
+        grad = gradient(suffix).masked_fill(~allowed, float("inf"))
+        top = (-grad).topk(top_k, dim=-1).indices.cpu()  # [n_tokens, top_k]
+        slots = torch.randint(n_tokens, (search_width,), generator=generator)
+        picks = top[slots, torch.randint(top_k, (search_width,), generator=generator)]
+        candidates = torch.tensor(suffix).repeat(search_width, 1)
+        candidates[torch.arange(search_width), slots] = picks
+        keep = [c for c in candidates.tolist() if c != suffix and round_trips(c)]
+        if not keep:
+            history.append(history[-1])
+            continue
+        scores = losses(torch.tensor(keep))
+        best = int(scores.argmin())
+        if scores[best] < history[-1]:
+            suffix = keep[best]
+        history.append(min(float(scores[best]), history[-1]))
+        if log:
+            log(f"GCG step {step + 1}/{steps}: refusal log-odds {history[-1]:.3f} ({time.perf_counter() - started:.0f} s)")
+    settings = {"n_tokens": n_tokens, "steps": steps, "top_k": top_k, "search_width": search_width, "seed": seed,
+                "n_prompts": len(parts), "seconds": round(time.perf_counter() - started, 1)}
+    return SuffixSearch(suffix=tokenizer.decode(suffix), token_ids=suffix, losses=history, settings=settings)
+
+
+def token_regions(model, instruction: str, suffix: str = "") -> tuple[list[int], list[int]]:
+    """Token indices (in the unpadded prompt) of the instruction and of the suffix in ``instruction + suffix``."""
+    text = model.chat.format([instruction + suffix])[0]
+    encoding = model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    start = text.index(instruction + suffix)
+    split, end = start + len(instruction), start + len(instruction) + len(suffix)
+    instruction_tokens, suffix_tokens = [], []
+    for i, (lo, hi) in enumerate(encoding["offset_mapping"]):
+        if start <= lo < split:
+            instruction_tokens.append(i)
+        elif split <= lo < end:
+            suffix_tokens.append(i)
+    return instruction_tokens, suffix_tokens
+
+
+def attention_shares(model, instructions: Sequence[str], suffix: str, heads: Sequence[tuple[int, int]]) -> pd.DataFrame:
+    """Mean share of each head's last-token attention on the instruction and on the suffix tokens.
+
+    One row per head: ``layer, head, instruction_share, suffix_share`` (fractions of 1).
+    """
+    heads = [(int(l), int(h)) for l, h in heads]
+    layers = sorted({l for l, _ in heads})
+    sums = {head: [0.0, 0.0] for head in heads}
+    rows: dict[int, Tensor] = {}
+    hooks = [(f"blocks.{l}.attn.hook_pattern", lambda p, hook, l=l: rows.__setitem__(l, p[0, :, -1].double().cpu()))
+             for l in layers]
+    device = model.cfg.device
+    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+        for instruction in check_prompts(instructions):
+            instruction_idx, suffix_idx = token_regions(model, instruction, suffix)
+            ids = model.chat.tokenize([instruction + suffix])["input_ids"].to(device)
+            model(ids, stop_at_layer=max(layers) + 1 if max(layers) + 1 < model.cfg.n_layers else None)
+            for l, h in heads:
+                sums[(l, h)][0] += float(rows[l][h, instruction_idx].sum())
+                sums[(l, h)][1] += float(rows[l][h, suffix_idx].sum()) if suffix_idx else 0.0
+    n = len(instructions)
+    return pd.DataFrame([{"layer": l, "head": h, "instruction_share": s[0] / n, "suffix_share": s[1] / n}
+                         for (l, h), s in sums.items()])
+
+
+def suffix_analysis(
+    model,
+    direction: Float[Tensor, "d_model"],
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    suffixes: dict[str, str],
+    *,
+    layer: int,
+    heads: Sequence[tuple[int, int]],
+    max_new_tokens: int = 32,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Compare harmful prompts plain and with each suffix, and harmless prompts.
+
+    Returns ``(conditions, heads_table)``. ``conditions``: one row per condition
+    with ``cosine`` (mean cosine of ``resid_pre[layer]`` at the last token with the
+    direction), ``refusal_score`` (mean log-odds), ``refusal_rate`` (greedy,
+    substring judge; completions are not kept) and ``heads_dfa`` (summed direct
+    contribution of ``heads`` to the projection). ``heads_table``: per condition
+    and head, attention shares on instruction and suffix and the head's DFA.
+    """
+    v = torch.as_tensor(direction).double()
+    v = v / v.norm()
+    conditions = {"harmful": (list(harmful), ""), **{f"harmful + {name}": (list(harmful), s) for name, s in suffixes.items()},
+                  "harmless": (list(harmless), "")}
+    summary, per_head = [], []
+    for name, (instructions, suffix) in conditions.items():
+        prompts = [i + suffix for i in instructions]
+        last = activations(model, prompts, positions=[-1], layers=[layer])[:, 0, 0].double()  # [batch, d_model]
+        cosine = torch.nn.functional.cosine_similarity(last, v[None], dim=-1)
+        terms = decompose(model, prompts, v, layer=layer).heads.mean(0)  # [layer, head]
+        replies = generate(model, prompts, max_new_tokens=max_new_tokens, batch_size=32)
+        summary.append({
+            "condition": name, "suffix": suffix, "cosine": float(cosine.mean()),
+            "refusal_score": float(refusal_score(model, prompts).mean()),
+            "refusal_rate": sum(map(is_refusal, replies)) / len(replies),
+            "heads_dfa": float(sum(terms[l, h] for l, h in heads)),
+        })
+        shares = attention_shares(model, instructions, suffix, heads)
+        shares.insert(0, "condition", name)
+        shares["dfa"] = [float(terms[l, h]) for l, h in heads]
+        per_head.append(shares)
+    return pd.DataFrame(summary), pd.concat(per_head, ignore_index=True)
