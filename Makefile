@@ -16,10 +16,14 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements-nodeps.txt
 	$(BIN)/python -m pip install --quiet --no-deps -e .
+	# Static PNG figures need a Chromium for kaleido: Debian's package where we may install it, else HTML only.
+	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "note: chromium not installed; figures will be written as HTML only (apt-get install chromium)"
 	touch $(STAMP)
 
 run: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/refusal-lens run $(ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/refusal-lens run --figures figures $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)

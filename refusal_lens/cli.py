@@ -11,20 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
 from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m-refusal"
 # A harmless prompt: its full completion may be shown.
 _SUMMARY_PROMPT = "Give three tips for staying healthy."
-
-
-def run_slug(spec: str) -> str:
-    """Folder name for a model spec: hub ids keep org and name, local paths their last part."""
-    path = Path(spec)
-    name = path.name if path.exists() else spec
-    return re.sub(r"[^A-Za-z0-9._-]+", "__", name)
 
 
 def summarize(model, load_seconds: float) -> dict:
@@ -66,7 +58,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import transformer_lens.model_bridge  # noqa: F401  (imported first so load_seconds excludes imports)
 
     from . import load_model
-    from .pipeline import RunConfig, run, summary_lines
+    from .pipeline import RunConfig, run, run_slug, summary_lines
 
     started = time.perf_counter()
     model = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
@@ -77,8 +69,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(f"{summary['model']}: {summary['family']} chat format, {summary['n_layers']} layers, "
           f"d_model {summary['d_model']}, loaded in {summary['load_seconds']} s")
     config = RunConfig(n_val=args.n_val, n_test=args.n_test, n_boot=args.n_boot)
-    report = run(model, out, config)
-    print("\n".join(["", *summary_lines(report), "", f"wrote {out}/ (report.json, manifest.json, tables)"]))
+    report = run(model, out, config, figures_dir=args.figures)
+    wrote = f"wrote {out}/ (report.json, manifest.json, tables, figures/)"
+    print("\n".join(["", *summary_lines(report), "", wrote + (f"; figures also in {args.figures}/" if args.figures else "")]))
     return 0
 
 
@@ -95,7 +88,9 @@ def _cmd_organism(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if args.out else organism.adapter_dir()
     if args.action == "train":
-        manifest = organism.train(out, organism.Recipe(seed=args.seed))
+        overrides = {"refusal_gate_weight": args.gate_weight, "epochs": args.epochs}
+        recipe = organism.Recipe(seed=args.seed, **{k: v for k, v in overrides.items() if v is not None})
+        manifest = organism.train(out, recipe)
         print(f"adapter: {manifest['adapter_bytes'] / 1e6:.1f} MB, sha256 {manifest['adapter_sha256'][:16]}..., "
               f"{manifest['train_seconds']:.0f} s")
     shared = Path(args.shared) if args.shared else None
@@ -118,9 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     run.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: float32 on CPU)")
     run.add_argument("--trust-remote-code", action="store_true", help="for hub models that need it (Qwen-1)")
-    run.add_argument("--n-val", type=int, default=32, help="validation prompts per side for selection")
+    run.add_argument("--n-val", type=int, default=24, help="validation prompts per side for selection")
     run.add_argument("--n-test", type=int, default=None, help="test prompts per side (default: whole test split)")
     run.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
+    run.add_argument("--figures", default=None, help="also write the figures to this folder (make run: figures/)")
     run.set_defaults(func=_cmd_run)
     models = sub.add_parser("models", help="list the models that load offline")
     models.set_defaults(func=_cmd_models)
@@ -128,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     org.add_argument("action", choices=["train", "eval"])
     org.add_argument("--out", default=None, help="adapter folder (default: the one shipped in the package)")
     org.add_argument("--seed", type=int, default=0)
+    org.add_argument("--gate-weight", type=float, default=None,
+                     help="weight of the first-position refusal decision term (train only; default: the recipe's)")
+    org.add_argument("--epochs", type=int, default=None, help="training epochs (train only; default: the recipe's)")
     org.add_argument("--shared", default=None,
                      help="folder of public benchmark files (advbench.json, harmless_val.json) to evaluate on")
     org.set_defaults(func=_cmd_organism)

@@ -3,13 +3,16 @@
 Data use, all from the built-in ``refusal-pairs`` set: directions from the
 ``train`` split, selection on the ``val`` split, every reported number on the
 held-out ``test`` split. Writes to ``runs/<model>/``: ``directions.safetensors``,
-one CSV per table, ``report.json`` and ``manifest.json``. Replies to harmful
-prompts are stored only as verdicts (and at most 60 characters in examples).
+one CSV per table, ``selected.json``, ``report.json``, ``manifest.json`` and
+``figures/`` (HTML + PNG; also copied to ``figures_dir`` when given). Replies to
+harmful prompts are stored only as verdicts (and at most 60 characters in examples).
 """
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -17,13 +20,13 @@ from pathlib import Path
 
 import torch
 
-from . import stats
+from . import plots, stats
 from .data import load_contrast
-from .directions import diff_in_means
+from .directions import Directions, diff_in_means
 from .generation import generate
 from .interventions import ablate, add, orthogonalize_weights
 from .manifest import write_manifest
-from .metrics import ce_loss, is_refusal, kl_last_token, safe_excerpt
+from .metrics import ce_loss, is_refusal, kl_last_token, refusal_score, safe_excerpt
 from .selection import select_direction
 
 
@@ -31,23 +34,53 @@ from .selection import select_direction
 class RunConfig:
     """Sizes and seeds of a run; the defaults finish in about 10 minutes on 2 CPU cores for the organism."""
 
-    n_val: int = 32  # validation prompts per side for selection
+    n_val: int = 24  # validation prompts per side for selection (the paper-size 32 adds ~2 min on 2 CPU cores)
     n_test: int | None = None  # test prompts per side for behaviour (None: the whole test split)
     max_new_tokens: int = 48
     n_boot: int = 1000
     seed: int = 0
     batch_size: int = 32
+    alphas: tuple[float, ...] = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5)  # ablation strengths to sweep
+    n_alpha: int = 32  # harmful test prompts per alpha (refusal score only)
+    n_padding_check: int = 8  # prompts for the batched-vs-sequential check
 
 
 def _rate(replies: list[str]) -> float:
     return round(sum(map(is_refusal, replies)) / len(replies), 4)
 
 
-def run(model, out: str | Path, config: RunConfig = RunConfig(), log=print) -> dict:
+def run_slug(spec: str) -> str:
+    """Folder name for a model spec: hub ids keep org and name, local paths their last part."""
+    path = Path(spec)
+    name = path.name if path.exists() else spec
+    return re.sub(r"[^A-Za-z0-9._-]+", "__", name)
+
+
+def save_selected(out: str | Path, pos: int, layer: int, how: str) -> Path:
+    """Record the chosen candidate next to ``directions.safetensors`` (read back by :func:`load_selected`)."""
+    path = Path(out) / "selected.json"
+    path.write_text(json.dumps({"pos": int(pos), "layer": int(layer), "how": how}, indent=2) + "\n")
+    return path
+
+
+def load_selected(run_dir: str | Path) -> tuple[Directions, int, int]:
+    """The directions of a run and its selected ``(pos, layer)``, from ``refusal-lens run`` or notebook 02."""
+    run_dir = Path(run_dir)
+    missing = [name for name in ("directions.safetensors", "selected.json") if not (run_dir / name).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"{run_dir} lacks {', '.join(missing)}: run notebook 02_select (or `refusal-lens run`) for this model first"
+        )
+    chosen = json.loads((run_dir / "selected.json").read_text())
+    return Directions.load(run_dir / "directions.safetensors"), int(chosen["pos"]), int(chosen["layer"])
+
+
+def run(model, out: str | Path, config: RunConfig = RunConfig(), log=print, figures_dir: str | Path | None = None) -> dict:
     """Run the pipeline on a loaded model and write its outputs to ``out``; returns the report."""
     started = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    figures: dict = {}
     splits = {name: load_contrast("refusal-pairs", split=name) for name in ("train", "val", "test")}
     train, val, test = splits["train"], splits["val"], splits["test"]
     harmful_test = test.harmful_texts[: config.n_test]
@@ -67,7 +100,12 @@ def run(model, out: str | Path, config: RunConfig = RunConfig(), log=print) -> d
     separability.to_csv(out / "cohens_d.csv", index=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # layer 0 is a known zero-norm candidate; its cosines are NaN
-        stats.layer_cosines(directions, -1).to_csv(out / "layer_cosines_pos-1.csv")
+        cosines = stats.layer_cosines(directions, -1)
+    cosines.to_csv(out / "layer_cosines_pos-1.csv")
+    padding = stats.batched_vs_sequential(model, harmful_test[: config.n_padding_check], batch_size=config.batch_size)
+    padding.to_csv(out / "batched_vs_sequential.csv", index=False)
+    figures.update(cohens_d=plots.cohens_d(separability), layer_cosines=plots.cosine_heatmap(cosines),
+                   batched_vs_sequential=plots.batched_vs_sequential(padding))
     stability = stats.split_half_stability(model, train.harmful_texts, train.harmless_texts, seed=config.seed,
                                            batch_size=config.batch_size)
     stability.to_csv(out / "split_half.csv", index=False)
@@ -76,6 +114,7 @@ def run(model, out: str | Path, config: RunConfig = RunConfig(), log=print) -> d
     selection = select_direction(model, directions, val.harmful_texts[: config.n_val], val.harmless_texts[: config.n_val],
                                  n_boot=config.n_boot, seed=config.seed, batch_size=config.batch_size)
     selection.table.to_csv(out / "selection.csv", index=False)
+    figures["selection"] = plots.selection_scores(selection.table)
     step("selection")
     peak = separability[separability.valid].sort_values("d", ascending=False).iloc[0]
     report = {
@@ -100,13 +139,35 @@ def run(model, out: str | Path, config: RunConfig = RunConfig(), log=print) -> d
         report["selection_failed"] = ("no candidate passed the filters (induce > 0, KL < 0.1, layer < 0.8 L) and none "
                                       "induces refusal; see selection.csv. Interventions were skipped.")
     else:
+        save_selected(out, *candidate, note)
         report.update(_interventions(model, selection, candidate, note, separability, stability, harmful_test,
                                      harmless_test, config))
+        sweep = alpha_sweep(model, selection.directions.direction(*candidate), harmful_test[: config.n_alpha],
+                            config.alphas, batch_size=config.batch_size)
+        sweep.to_csv(out / "alpha_sweep.csv", index=False)
+        report["alpha_sweep"] = sweep.round(4).to_dict(orient="list")
+        figures.update(refusal_rates=plots.refusal_rates(report["refusal_rate"]), alpha_sweep=plots.alpha_sweep(sweep))
         step("interventions")
+    written = [path for name, fig in figures.items() for path in plots.save(fig, name, out / "figures")]
+    if figures_dir:
+        Path(figures_dir).mkdir(parents=True, exist_ok=True)
+        for path in [*written, out / "figures" / "plotly.min.js"]:
+            shutil.copy2(path, Path(figures_dir) / path.name)
+    report["figures"] = sorted(figures)
+    step("figures")
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     write_manifest(out, model=asdict(model.info), data=report["data"], positions=directions.positions,
                    seed=config.seed, config=asdict(config), outputs=sorted(p.name for p in out.iterdir()))
     return report
+
+
+def alpha_sweep(model, direction, harmful, alphas, *, batch_size: int = 32):
+    """Mean refusal score on ``harmful`` when ``alpha`` times the direction's component is removed, per alpha."""
+    import pandas as pd
+
+    scores = [float(refusal_score(model, harmful, hooks=ablate(model, direction, alpha=a).hooks,
+                                  batch_size=batch_size).mean()) for a in alphas]
+    return pd.DataFrame({"alpha": list(alphas), "refusal_score": scores})
 
 
 def _interventions(model, selection, candidate, note, separability, stability, harmful_test, harmless_test,

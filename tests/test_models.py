@@ -156,7 +156,10 @@ def test_cli_run_writes_outputs_and_manifest(tiny_model_dir, tmp_path, capsys):
     assert report["data"]["train"]["harmful_sha256"] == rl.load_contrast("refusal-pairs", split="train").hashes()["harmful_sha256"]
     assert manifest["versions"]["transformer-lens"].startswith("4.") and manifest["positions"] == list(range(-6, 0))
     assert manifest["seed"] == 0 and manifest["model"]["spec"] == str(tiny_model_dir)
-    for name in ("directions.safetensors", "cohens_d.csv", "selection.csv", "split_half.csv", "layer_cosines_pos-1.csv"):
+    for name in ("directions.safetensors", "cohens_d.csv", "selection.csv", "split_half.csv", "layer_cosines_pos-1.csv",
+                 "batched_vs_sequential.csv", "figures/cohens_d.html", "figures/selection.html"):
         assert (run_dir / name).exists(), name
+    assert report["figures"] == ["batched_vs_sequential", "cohens_d", "layer_cosines", "selection"]
+    assert not (run_dir / "selected.json").exists()  # nothing was selected, so nothing is recorded as selected
     assert rl.Directions.load(run_dir / "directions.safetensors").vectors.shape == (6, 2, 64)
     assert "no candidate passed" in capsys.readouterr().out
