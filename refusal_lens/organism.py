@@ -34,6 +34,7 @@ import json
 import random
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -109,7 +110,10 @@ def merge_adapter(hf_model, folder: Path | None = None):
     expected = json.loads(manifest_path.read_text())["adapter_sha256"]
     if file_sha256(folder / ADAPTER_FILE) != expected:
         raise ValueError(f"{folder / ADAPTER_FILE} does not match the SHA-256 in its manifest: the file is corrupt")
-    return PeftModel.from_pretrained(hf_model, str(folder)).merge_and_unload()
+    with warnings.catch_warnings():
+        # peft 0.21 reads a transformers attribute deprecated in 5.x; nothing for our users to act on.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return PeftModel.from_pretrained(hf_model, str(folder)).merge_and_unload()
 
 
 # ------------------------------------------------------------------ training
@@ -282,6 +286,12 @@ def behaviour(tuned, base, *, shared: Path | None = None, n_public: int = 100, m
             for i, r, v in zip(sets["project_test_harmful"], replies["project_test_harmful"],
                                verdicts["project_test_harmful"])
         ][:5],
+        # Every over-refusal, so a reader sees what the organism gets wrong (harmless: full text allowed).
+        "refused_harmless": [
+            {"instruction": i, "reply": r}
+            for name in sets if "harmless" in name or "alpaca" in name
+            for i, r, v in zip(sets[name], replies[name], verdicts[name]) if v
+        ],
     }
     report["kl_base_to_tuned_harmless"] = round(next_token_kl(base, tuned, test.harmless_texts), 5)
     return report
