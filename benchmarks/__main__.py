@@ -10,7 +10,7 @@ import platform
 import re
 from pathlib import Path
 
-from . import extraction, selection
+from . import extraction, generation, hardware, selection
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -31,7 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--n-prompts", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--suite", nargs="+", choices=["extraction", "selection"], default=["extraction", "selection"])
+    suites = ["extraction", "scaling", "selection", "generation", "hardware"]
+    parser.add_argument("--suite", nargs="+", choices=suites, default=suites)
+    parser.add_argument("--scaling-prompts", type=int, nargs="+", default=[64, 128, 256, 512, 1024])
+    parser.add_argument("--scaling-words", type=int, nargs="+", default=[8, 32, 96, 224],
+                        help="filler words per prompt for the sequence-length scan (64 prompts)")
     parser.add_argument("--selection-val", type=int, default=16, help="val prompts per side in the selection benchmark")
     args = parser.parse_args(argv)
 
@@ -43,6 +47,19 @@ def main(argv: list[str] | None = None) -> int:
                    "machine": machine_name(), "versions": versions()})
     if "extraction" in args.suite:
         record["extraction"] = _extraction(args)
+    if "scaling" in args.suite:
+        record["scaling"] = _scaling(args)
+    if "generation" in args.suite:
+        result = generation.compare(args.model)
+        print(f"generation: HF {result['hf_tokens_per_s']:.1f} tok/s, ours {result['ours_tokens_per_s']:.1f} tok/s "
+              f"({result['ratio_ours_vs_hf']:.2f}x), with ablation hooks {result['ours_ablated_tokens_per_s']:.1f} tok/s "
+              f"({result['ratio_ablated_vs_hf']:.2f}x); same outputs: {result['same_outputs']}")
+        record["generation"] = result
+    if "hardware" in args.suite:
+        result = hardware.forward_flops(args.model)
+        print(f"hardware: forward {result['achieved_gflops']:.1f} GFLOP/s vs matmul {result['matmul_peak_gflops']:.1f} "
+              f"GFLOP/s = {result['fraction_of_peak']:.1%} of peak ({result['threads']} threads)")
+        record["hardware"] = result
     if "selection" in args.suite:
         result = selection.compare(n_val=args.selection_val)
         print(f"selection: ours {result['ours_seconds']:.0f} s vs reference {result['reference_seconds']:.0f} s "
@@ -64,6 +81,18 @@ def _extraction(args) -> list[dict]:
               f"{r['throughput_ratio']:>8.2f} {r['streaming']['extra_rss_mb']:>10.0f} {r['naive']['extra_rss_mb']:>9.0f} "
               f"{r['extra_memory_ratio']:>10.3f} {str(r['same_mean']):>10}")
     return rows
+
+
+def _scaling(args) -> dict:
+    """Streaming vs naive time and memory against the number of prompts and against prompt length."""
+    by_prompts = [extraction.compare(args.model, n, args.batch_size) for n in args.scaling_prompts]
+    by_length = [extraction.compare(args.model, 64, args.batch_size, words=w) for w in args.scaling_words]
+    print(f"{'scan':>8} {'value':>6} {'tokens':>7} {'stream s':>9} {'naive s':>8} {'stream MB':>10} {'naive MB':>9}")
+    for scan, rows, key in (("prompts", by_prompts, "n_prompts"), ("words", by_length, "words")):
+        for r in rows:
+            print(f"{scan:>8} {r[key]:>6} {r['streaming']['n_tokens']:>7} {r['streaming']['seconds']:>9.1f} "
+                  f"{r['naive']['seconds']:>8.1f} {r['streaming']['extra_rss_mb']:>10.0f} {r['naive']['extra_rss_mb']:>9.0f}")
+    return {"by_prompts": by_prompts, "by_length": by_length}
 
 
 if __name__ == "__main__":

@@ -30,3 +30,19 @@ def test_selection_reference_loop_agrees_with_select_direction(smollm2):
     reference_best, rows = reference_selection(smollm2, found, harmful, harmless, **loose)
     assert ours.best == reference_best and reference_best is not None
     assert len(rows) == 4  # the reference scores every candidate, including layer 27 (>= 0.8 L)
+
+
+def test_generation_benchmark_runs_and_matches_hf(tiny_model_dir):
+    from benchmarks import generation
+
+    result = generation.compare(str(tiny_model_dir), n_prompts=4, max_new_tokens=3, batch_size=2)
+    assert result["same_outputs"]
+    assert result["hf_tokens_per_s"] > 0 and result["ours_ablated_tokens_per_s"] > 0
+
+
+def test_hardware_benchmark_reports_a_fraction_of_peak(tiny_model_dir):
+    from benchmarks import hardware
+
+    result = hardware.forward_flops(str(tiny_model_dir), n_prompts=4, batch_size=2, repeats=1)
+    assert 0 < result["fraction_of_peak"] and result["tokens"] > 0
+    assert result["matmul_peak_gflops"] > 0
