@@ -1,7 +1,8 @@
 """Strip notebook outputs before committing, keeping only what nbval checks.
 
-Cells that start with ``# NBVAL_CHECK_OUTPUT`` keep their (text) outputs; every
-other cell loses outputs and execution counts. Usage, from the repository root::
+Cells that start with ``# NBVAL_CHECK_OUTPUT`` keep their printed output (and an
+execution count: nbval refuses a reference cell with outputs that never ran);
+every other cell loses outputs and execution counts. Usage, from the repository root::
 
     jupyter nbconvert --to notebook --execute --inplace notebooks/0*.ipynb
     python notebooks/strip_outputs.py notebooks/0*.ipynb
@@ -21,13 +22,12 @@ def strip(path: str) -> None:
     for cell in notebook.cells:
         if cell.cell_type != "code":
             continue
-        cell.execution_count = None
         if cell.source.lstrip().startswith(CHECKED):
             cell.outputs = [o for o in cell.outputs if o.output_type == "stream" and o.name == "stdout"]
-            for output in cell.outputs:
-                output.pop("execution_count", None)
+            cell.execution_count = cell.execution_count or 1
         else:
             cell.outputs = []
+            cell.execution_count = None
         cell.metadata.pop("execution", None)
     notebook.metadata.pop("widgets", None)
     nbformat.write(notebook, path)
