@@ -83,3 +83,10 @@ def test_mean_ablation_with_own_mean_changes_nothing_and_unhooks(tiny_model):
     assert all(not hp._forward_hooks for hp in tiny_model.hook_dict.values())
     with pytest.raises(ValueError, match="do not exist"):
         mean_ablate_heads(tiny_model, [(5, 0)], prompt)
+
+
+def test_post_norm_architecture_is_refused():
+    """Gemma 3 normalizes each sublayer's output before adding it: a per-head split would be inexact."""
+    gemma = rl.load_model("gemma-3-270m", device="cpu", chat="gemma3")
+    with pytest.raises(AttributionError, match="not a plain per-head sum"):
+        decompose(gemma, PROMPTS[:2], unit(gemma.cfg.d_model), layer=4)
