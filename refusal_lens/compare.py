@@ -6,8 +6,8 @@ architecture and tokenizer, no refusal training), this module reports
 * :func:`direction_cosines`: per layer, the cosine between the chat model's and
   the base model's difference-in-means directions (built on the same prompts in
   the same chat template, in each model's raw residual basis);
-* :func:`base_separability`: held-out Cohen's d of the *base* model's activations,
-  harmful vs harmless, projected onto the *chat* model's directions;
+* base separability: held-out Cohen's d (``rl.stats.cohens_d``) of the *base*
+  model's activations, harmful vs harmless, projected onto the *chat* model's directions;
 * :func:`ablation_effect`: refusal score and rate of a model with and without a
   direction ablated (use it on the base model with the chat direction).
 
@@ -25,9 +25,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .directions import Directions
-from .generation import generate
 from .interventions import ablate
-from .metrics import is_refusal, refusal_score
+from .metrics import refusal_summary
 from .stats import cohens_d
 
 
@@ -49,21 +48,11 @@ def direction_cosines(chat: Directions, base: Directions, *, position: int = -1)
     return pd.DataFrame({"layer": chat.layers, "cosine": torch.where(valid, cosine, torch.nan).numpy()})
 
 
-def base_separability(base, chat_directions: Directions, harmful: Sequence[str], harmless: Sequence[str],
-                      **kwargs) -> pd.DataFrame:
-    """Cohen's d (held-out prompts, bootstrap CI) of the base model's activations on the chat model's directions."""
-    return cohens_d(base, chat_directions, harmful, harmless, **kwargs)
-
-
 def ablation_effect(model, direction: Float[Tensor, "d_model"], harmful: Sequence[str], *,
                     max_new_tokens: int = 32) -> pd.DataFrame:
     """Refusal rate (substring judge, greedy) and mean refusal score on ``harmful``, without and with ablation."""
-    rows = []
-    for condition, hooks in (("none", []), ("ablated", ablate(model, direction).hooks)):
-        replies = generate(model, harmful, max_new_tokens=max_new_tokens, hooks=hooks, batch_size=32)
-        rows.append({"condition": condition, "refusal_rate": sum(map(is_refusal, replies)) / len(replies),
-                     "refusal_score": float(refusal_score(model, harmful, hooks=hooks).mean())})
-    return pd.DataFrame(rows)
+    return pd.DataFrame([{"condition": condition, **refusal_summary(model, harmful, hooks=hooks, max_new_tokens=max_new_tokens)}
+                         for condition, hooks in (("none", []), ("ablated", ablate(model, direction).hooks))])
 
 
 def compare(chat, base, chat_directions: Directions, base_directions: Directions, harmful_test: Sequence[str],
@@ -74,8 +63,8 @@ def compare(chat, base, chat_directions: Directions, base_directions: Directions
     kwargs = dict(positions=[position])
     return {
         "cosines": direction_cosines(chat_directions, base_directions, position=position),
-        "base_separability": base_separability(base, chat_directions.subset(**kwargs), harmful_test, harmless_test,
-                                               n_boot=n_boot),
+        "base_separability": cohens_d(base, chat_directions.subset(**kwargs), harmful_test, harmless_test,
+                                      n_boot=n_boot),
         "chat_separability": cohens_d(chat, chat_directions.subset(**kwargs), harmful_test, harmless_test,
                                       n_boot=n_boot),
         "ablation_in_base": ablation_effect(base, direction, harmful_test, max_new_tokens=max_new_tokens),

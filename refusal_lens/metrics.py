@@ -106,6 +106,17 @@ def kl_last_token(model, instructions: Sequence[str], *, hooks: Sequence, batch_
     return kl_divergence(reference, last_token_logits(model, instructions, hooks=hooks, batch_size=batch_size))
 
 
+def refusal_summary(model, instructions: Sequence[str], *, hooks: Sequence = (), max_new_tokens: int = 32,
+                    batch_size: int = 32) -> dict[str, float]:
+    """``refusal_rate`` (greedy completions, substring judge; the completions are not kept) and mean
+    ``refusal_score`` (last-position log-odds) of ``instructions`` with ``hooks`` active."""
+    from .generation import generate
+
+    replies = generate(model, instructions, max_new_tokens=max_new_tokens, hooks=hooks, batch_size=batch_size)
+    return {"refusal_rate": refusal_rate(replies),
+            "refusal_score": float(refusal_score(model, instructions, hooks=hooks, batch_size=batch_size).mean())}
+
+
 def ce_loss(model, texts: Sequence[str], *, hooks: Sequence = (), batch_size: int = 8) -> float:
     """Mean next-token cross-entropy (nats per token) on raw ``texts`` (no chat template), with ``hooks`` active."""
     texts = check_prompts(texts)

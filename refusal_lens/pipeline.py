@@ -26,7 +26,7 @@ from .directions import Directions, diff_in_means
 from .generation import generate
 from .interventions import ablate, add, orthogonalize_weights
 from .manifest import write_manifest
-from .metrics import ce_loss, is_refusal, kl_last_token, refusal_score, safe_excerpt
+from .metrics import ce_loss, is_refusal, kl_last_token, refusal_rate, refusal_score, safe_excerpt
 from .selection import select_direction
 
 
@@ -46,7 +46,7 @@ class RunConfig:
 
 
 def _rate(replies: list[str]) -> float:
-    return round(sum(map(is_refusal, replies)) / len(replies), 4)
+    return round(refusal_rate(replies), 4)
 
 
 def run_slug(spec: str) -> str:
@@ -127,14 +127,9 @@ def run(model, out: str | Path, config: RunConfig = RunConfig(), log=print, figu
         "selected": None,
         "seconds": timings,
     }
-    candidate, note = selection.best, "passed the paper's filters"
-    if candidate is None:
-        # No candidate passed. Fall back, explicitly, to the lowest-bypass candidate that still induces
-        # refusal, so the run shows what the direction does; the report flags that KL was not met.
-        inducing = selection.table[selection.table.scored & (selection.table.induce > 0)].sort_values("bypass")
-        if len(inducing):
-            candidate = (int(inducing.iloc[0].pos), int(inducing.iloc[0].layer))
-            note = "fallback: no candidate passed KL < 0.1; lowest bypass among those with induce > 0"
+    # Without a passing candidate the run falls back, flagged in the report, to the lowest-bypass
+    # candidate that still induces refusal, so it shows what the direction does.
+    candidate, note = selection.pick()
     if candidate is None:
         report["selection_failed"] = ("no candidate passed the filters (induce > 0, KL < 0.1, layer < 0.8 L) and none "
                                       "induces refusal; see selection.csv. Interventions were skipped.")

@@ -72,6 +72,17 @@ class Selection:
         """Raw difference-in-means vector of the chosen candidate (for activation addition)."""
         return self.directions.direction(*self.best, unit=False)
 
+    def pick(self) -> tuple[tuple[int, int] | None, str]:
+        """``best`` if a candidate passed; otherwise, explicitly flagged, the lowest-bypass scored
+        candidate that still induces refusal (``induce > 0``); ``(None, reason)`` if there is none."""
+        if self.best is not None:
+            return self.best, "passed the paper's filters"
+        inducing = self.table[self.table.scored & (self.table.induce > 0)].sort_values("bypass")
+        if not len(inducing):
+            return None, "no candidate passed the filters and none induces refusal"
+        return ((int(inducing.iloc[0].pos), int(inducing.iloc[0].layer)),
+                "fallback: no candidate passed KL < 0.1; lowest bypass among those with induce > 0")
+
     @property
     def best_row(self) -> pd.Series:
         pos, layer = self.best

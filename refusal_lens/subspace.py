@@ -26,9 +26,8 @@ from torch import Tensor
 
 from .activations import activations
 from .directions import Directions
-from .generation import generate
 from .interventions import ablate
-from .metrics import is_refusal, refusal_score
+from .metrics import refusal_summary
 
 
 def _top_right_singular(matrix: Tensor, k: int) -> Float[Tensor, "k d_model"]:
@@ -74,10 +73,6 @@ def refusal_vs_rank(model, basis: Float[Tensor, "k d_model"], harmful: Sequence[
     ranks = list(range(basis.shape[0] + 1)) if ranks is None else list(ranks)
     if any(not 0 <= k <= basis.shape[0] for k in ranks):
         raise ValueError(f"ranks must lie in [0, {basis.shape[0]}], got {ranks}")
-    rows = []
-    for k in ranks:
-        hooks = ablate(model, basis[:k]).hooks if k else []
-        replies = generate(model, harmful, max_new_tokens=max_new_tokens, hooks=hooks, batch_size=batch_size)
-        rows.append({"k": k, "refusal_rate": sum(map(is_refusal, replies)) / len(replies),
-                     "refusal_score": float(refusal_score(model, harmful, hooks=hooks).mean())})
-    return pd.DataFrame(rows)
+    return pd.DataFrame([{"k": k, **refusal_summary(model, harmful, hooks=ablate(model, basis[:k]).hooks if k else [],
+                                                    max_new_tokens=max_new_tokens, batch_size=batch_size)}
+                         for k in ranks])

@@ -28,9 +28,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .activations import activations, check_prompts
-from .attribution import decompose
-from .generation import generate
-from .metrics import is_refusal, refusal_log_odds, refusal_score
+from .attribution import _unit, decompose
+from .metrics import refusal_log_odds, refusal_summary
 
 
 @dataclass
@@ -221,8 +220,7 @@ def suffix_analysis(
     contribution of ``heads`` to the projection). ``heads_table``: per condition
     and head, attention shares on instruction and suffix and the head's DFA.
     """
-    v = torch.as_tensor(direction).double()
-    v = v / v.norm()
+    v = _unit(direction, model.cfg.d_model)
     conditions = {"harmful": (list(harmful), ""), **{f"harmful + {name}": (list(harmful), s) for name, s in suffixes.items()},
                   "harmless": (list(harmless), "")}
     summary, per_head = [], []
@@ -231,11 +229,9 @@ def suffix_analysis(
         last = activations(model, prompts, positions=[-1], layers=[layer])[:, 0, 0].double()  # [batch, d_model]
         cosine = torch.nn.functional.cosine_similarity(last, v[None], dim=-1)
         terms = decompose(model, prompts, v, layer=layer).heads.mean(0)  # [layer, head]
-        replies = generate(model, prompts, max_new_tokens=max_new_tokens, batch_size=32)
         summary.append({
             "condition": name, "suffix": suffix, "cosine": float(cosine.mean()),
-            "refusal_score": float(refusal_score(model, prompts).mean()),
-            "refusal_rate": sum(map(is_refusal, replies)) / len(replies),
+            **refusal_summary(model, prompts, max_new_tokens=max_new_tokens),
             "heads_dfa": float(sum(terms[l, h] for l, h in heads)),
         })
         shares = attention_shares(model, instructions, suffix, heads)
