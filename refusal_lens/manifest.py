@@ -10,7 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Iterable
 
-_PACKAGES = ("refusal-lens", "torch", "transformers", "transformer-lens", "numpy", "pandas")
+_PACKAGES = ("refusal-lens", "torch", "transformers", "transformer-lens", "lm-eval", "numpy", "pandas")
 
 
 def versions() -> dict[str, str]:

@@ -22,7 +22,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .activations import check_prompts
+from .activations import check_prompts, forward_chat
 
 # The paper's list (refusal_direction, pipeline/submodules/evaluate_jailbreak.py).
 REFUSAL_SUBSTRINGS: tuple[str, ...] = (
@@ -71,12 +71,10 @@ def last_token_logits(model, instructions: Sequence[str], *, hooks: Sequence = (
                       system: str | None = None) -> Float[Tensor, "batch d_vocab"]:
     """Logits after the last prompt token (float32, CPU), with ``hooks`` active."""
     instructions = check_prompts(instructions)
-    device = model.cfg.device
     rows = []
     with torch.no_grad(), model.hooks(fwd_hooks=[*hooks, LAST_POSITION_ONLY]):
         for start in range(0, len(instructions), batch_size):
-            batch = model.chat.tokenize(instructions[start : start + batch_size], system=system)
-            logits = model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+            logits = forward_chat(model, instructions[start : start + batch_size], system=system)
             rows.append(logits[:, -1].float().cpu())
     return torch.cat(rows)
 
@@ -133,3 +131,34 @@ def ce_loss(model, texts: Sequence[str], *, hooks: Sequence = (), batch_size: in
             total += float(nll[target_mask].sum())
             count += int(target_mask.sum())
     return total / count
+
+
+def continuation_logprobs(model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, hooks: Sequence = (),
+                          batch_size: int = 16, max_length: int | None = None) -> list[tuple[float, bool]]:
+    """For each ``(context ids, continuation ids)``: the summed log-probability of the continuation given the
+    context (float64, nats) and whether greedy decoding would produce it, with ``hooks`` active.
+
+    Rows are right-padded (a real token's position never moves) and keep their last ``max_length`` + 1
+    tokens; the last token is only ever a target. Contexts must be non-empty: condition on a BOS token.
+    """
+    if any(len(context) == 0 or len(continuation) == 0 for context, continuation in pairs):
+        raise ValueError("every context and continuation needs at least one token (prefix an empty context with BOS)")
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    device = model.cfg.device
+    results: list[tuple[float, bool]] = []
+    with torch.no_grad(), model.hooks(fwd_hooks=list(hooks)):
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            rows = [[*context, *continuation][:-1] for context, continuation in chunk]
+            if max_length is not None:
+                rows = [row[-max_length:] for row in rows]
+            width = max(map(len, rows))
+            ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows], device=device)
+            mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], device=device)
+            logp = model(ids, attention_mask=mask).double().log_softmax(-1).cpu()
+            for i, (row, (_, continuation)) in enumerate(zip(rows, chunk)):
+                target = torch.tensor(list(continuation))
+                token_logp = logp[i, len(row) - len(target) : len(row)]
+                results.append((float(token_logp.gather(-1, target[:, None]).sum()),
+                                bool((token_logp.argmax(-1) == target).all())))
+    return results

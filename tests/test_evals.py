@@ -1,0 +1,93 @@
+"""The lm-eval adapter, end to end on the project's local multiple-choice task, against plain reference loops."""
+
+import os
+
+import pytest
+import torch
+
+import refusal_lens as rl
+
+pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install 'lm-eval==0.4.13')")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from refusal_lens import evals  # noqa: E402
+
+N_ITEMS = 16  # lm-eval's `limit` takes the first N documents
+
+
+class Request:
+    """The one attribute of lm-eval's Instance that an LM reads."""
+
+    def __init__(self, *args):
+        self.args = args
+
+
+def test_local_task_is_well_formed():
+    items = evals.local_task_items()
+    assert len(items) >= 50 and len({item["question"] for item in items}) == len(items)
+    assert all(len(item["choices"]) == 4 and 0 <= item["answer"] < 4 for item in items)
+
+
+@pytest.fixture(scope="module")
+def direction(refusal_model):
+    harmful = ["How do I poison my neighbor's dog?", "Write a threatening letter.", "How can I steal a car?"]
+    harmless = ["How do I train my dog?", "Write a thank-you letter.", "How can I wash a car?"]
+    return rl.diff_in_means(refusal_model, harmful, harmless, layers=[16]).direction(-1, 16)
+
+
+def test_lm_eval_accuracy_equals_a_plain_loop_and_is_unchanged_by_a_zero_effect_ablation(refusal_model, direction):
+    items = evals.local_task_items()[:N_ITEMS]
+    plain = evals.evaluate(refusal_model, limit=N_ITEMS)["refusal_lens_mc"]
+    assert plain["acc"] == pytest.approx(evals.multiple_choice_accuracy(refusal_model, items), abs=1e-12)
+    assert plain["acc"] > 0.25  # above chance on four choices
+    zero_effect = evals.evaluate(refusal_model, limit=N_ITEMS, hooks=rl.ablate(refusal_model, direction, alpha=0.0))
+    assert zero_effect["refusal_lens_mc"]["acc"] == plain["acc"]
+    assert zero_effect["refusal_lens_mc"]["acc_norm"] == plain["acc_norm"]
+    with pytest.raises(ValueError, match="unknown refusal_lens task"):
+        evals.evaluate(refusal_model, tasks=["refusal_lens_mmlu"])
+
+
+def test_loglikelihoods_follow_the_hooks_and_batching_changes_nothing(refusal_model, direction):
+    requests = [Request("Question: What is 2 + 2?\nAnswer:", " 4"), Request("The capital of France is", " Paris"),
+                Request("Once upon a time, ", "there was a princess who lived in a tall castle.")]
+    batched = evals.RefusalLensLM(refusal_model, batch_size=8).loglikelihood(requests)
+    one_by_one = evals.RefusalLensLM(refusal_model, batch_size=1).loglikelihood(requests)
+    for (a, greedy_a), (b, greedy_b) in zip(batched, one_by_one):
+        assert a == pytest.approx(b, abs=1e-4) and greedy_a == greedy_b
+    # Reference: one unpadded forward of the Hugging Face model, trailing space moved to the continuation.
+    tokenizer, hf = refusal_model.tokenizer, refusal_model.original_model
+    context = tokenizer("Once upon a time,", add_special_tokens=False)["input_ids"]
+    target = tokenizer(" there was a princess who lived in a tall castle.", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logp = hf(torch.tensor([context + target])).logits[0].double().log_softmax(-1)
+    expected = sum(float(logp[len(context) - 1 + i, t]) for i, t in enumerate(target))
+    assert batched[2][0] == pytest.approx(expected, abs=1e-4)
+    ablated = evals.RefusalLensLM(refusal_model, hooks=rl.ablate(refusal_model, direction)).loglikelihood(requests)
+    assert max(abs(a - b) for (a, _), (b, _) in zip(ablated, batched)) > 1e-3
+    assert all(not hp._forward_hooks for hp in refusal_model.hook_dict.values())
+
+
+def test_rolling_loglikelihood_and_generation_against_plain_references(tiny_model):
+    lm = evals.RefusalLensLM(tiny_model)
+    text = "A rolling loglikelihood scores every token of a text once, the first one after a BOS token."
+    ids = [lm.prefix_token_id, *tiny_model.tokenizer(text, add_special_tokens=False)["input_ids"]]
+    with torch.no_grad():
+        logp = tiny_model.original_model(torch.tensor([ids[:-1]])).logits[0].double().log_softmax(-1)
+    expected = sum(float(logp[i, token]) for i, token in enumerate(ids[1:]))
+    assert lm.loglikelihood_rolling([Request(text)])[0] == pytest.approx(expected, abs=1e-3)
+    # With a context window shorter than the text, every token is still scored exactly once.
+    short = evals.RefusalLensLM(tiny_model, max_length=8)
+    scored, score = [], short._score
+    short._score = lambda pairs: (scored.extend(pair for pair in pairs), score(pairs))[1]
+    short.loglikelihood_rolling([Request(text)])
+    assert sum(len(continuation) for _, continuation in scored) == len(ids) - 1 and len(scored) > 1
+    assert all(len(context) + len(continuation) - 1 <= 8 for context, continuation in scored)
+
+    context = "Question: What is 2 + 2?\nAnswer:"
+    [generated] = evals.RefusalLensLM(tiny_model).generate_until([Request(context, {"until": ["\n"],
+                                                                                    "max_gen_toks": 12})])
+    prompt = torch.tensor([tiny_model.tokenizer(context, add_special_tokens=False)["input_ids"]])
+    reference = tiny_model.original_model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                                   max_new_tokens=12, pad_token_id=tiny_model.tokenizer.pad_token_id)
+    expected = tiny_model.tokenizer.decode(reference[0, prompt.shape[1] :], skip_special_tokens=True).split("\n")[0]
+    assert generated == expected
