@@ -143,14 +143,16 @@ def _remove_from_vectors(matrix: Tensor, v: Tensor) -> None:
     matrix.data.copy_((m - torch.outer(m @ v, v)).to(matrix.dtype))
 
 
-def orthogonalize_weights(model, direction: Float[Tensor, "d_model"]):
+def orthogonalize_weights(model, direction: Float[Tensor, "d_model"], *, provenance: dict | None = None):
     """A copy of ``model`` whose residual-stream writers cannot write along ``direction``.
 
     Edits the token embedding (untied from the unembedding first, which stays
     unchanged), positional embedding if any, and each block's attention output
     and MLP output projections with their biases. The copy keeps ``.chat``,
     records the edit in ``.info`` and has ``.save_hf(path)`` to export it as a
-    Hugging Face directory (with the direction in ``refusal_lens.json``).
+    Hugging Face directory with a model card (``README.md``) and the direction in
+    ``refusal_lens.json``. ``provenance`` (e.g. ``{"position": -1, "layer": 16,
+    "data": {...hashes}}``) is recorded in both.
     """
     basis = orthonormal_basis(direction, model.cfg.d_model)
     if basis.shape[0] != 1:
@@ -173,6 +175,6 @@ def orthogonalize_weights(model, direction: Float[Tensor, "d_model"]):
                 if writer.bias is not None:
                     writer.bias.data.copy_((writer.bias.float() - (writer.bias.float() @ v_here) * v_here).to(writer.bias.dtype))
     edited.info = dataclasses.replace(model.info, spec=f"{model.info.spec} (orthogonalized)")
-    card = {"edit": "orthogonalize_weights", "direction": [float(x) for x in basis[0]]}
+    card = {"edit": "orthogonalize_weights", **(provenance or {}), "direction": [float(x) for x in basis[0]]}
     edited.save_hf = lambda path, card=card: save_hf(edited, path, card=card)  # noqa: E731
     return edited

@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 
 from .chat import ChatFormat, chat_format, detect_family
+from .manifest import versions
 
 CACHE_ENV = "REFUSAL_LENS_CACHE"
 _CACHE_COMPLETE = "refusal_lens_source.json"
@@ -364,5 +365,43 @@ def save_hf(model, path: str | Path, *, card: dict | None = None) -> Path:
     path = Path(path)
     clean.save_pretrained(path)
     model.tokenizer.save_pretrained(path)
-    (path / "refusal_lens.json").write_text(json.dumps({"model": model.info.__dict__, **(card or {})}, indent=2, default=str) + "\n")
+    record = {"model": model.info.__dict__, **(card or {}), "versions": versions()}
+    (path / "refusal_lens.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    (path / "README.md").write_text(model_card(record))
     return path
+
+
+def model_card(record: dict) -> str:
+    """A Hugging Face model card (YAML front matter + markdown) for an exported, edited model."""
+    import hashlib
+
+    info, direction = record["model"], record.get("direction")
+    base = str(info.get("spec", "unknown")).removesuffix(" (orthogonalized)")
+    lines = ["---", "library_name: transformers", "tags:", "- refusal_lens", "- refusal-direction",
+             f"- {record.get('edit', 'export')}", "---", "",
+             f"# {info.get('spec', 'model')} - exported by refusal_lens", ""]
+    if record.get("edit") == "orthogonalize_weights":
+        lines += ["This model's residual-stream writers (token embedding, positional embedding, attention and MLP "
+                  "output projections and their biases) were orthogonalized against one direction, as in Arditi et "
+                  "al. (2024), *Refusal in Language Models Is Mediated by a Single Direction*. It is meant for "
+                  "interpretability research: **its refusal behaviour has been removed or weakened on purpose**; do "
+                  "not deploy it.", ""]
+    lines += ["| field | value |", "|---|---|", f"| base model | `{base}` (loaded from `{info.get('source')}`) |",
+              f"| edit | {record.get('edit', 'none')} |"]
+    if info.get("adapter_sha256"):
+        lines.append(f"| organism adapter SHA-256 | `{info['adapter_sha256']}` |")
+    if direction is not None:
+        vector = torch.tensor(direction, dtype=torch.float32)
+        lines += [f"| direction | {len(direction)} floats in `refusal_lens.json` (unit norm; SHA-256 of its float32 "
+                  f"bytes `{hashlib.sha256(vector.numpy().tobytes()).hexdigest()[:16]}`) |"]
+    for key in ("position", "layer", "hook"):
+        if key in record:
+            lines.append(f"| direction {key} | {record[key]} |")
+    for name, digest in (record.get("data") or {}).items():
+        lines.append(f"| data `{name}` | `{digest}` |")
+    lines += [f"| refusal_lens | {record['versions'].get('refusal-lens')} |",
+              f"| torch / transformers / transformer-lens | {record['versions'].get('torch')} / "
+              f"{record['versions'].get('transformers')} / {record['versions'].get('transformer-lens')} |", "",
+              "Load with `AutoModelForCausalLM.from_pretrained(<this folder>)`; its logits equal those of the base "
+              "model under `refusal_lens.ablate(model, direction)` (checked to 1e-3 by the package's tests).", ""]
+    return "\n".join(lines)

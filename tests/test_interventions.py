@@ -185,7 +185,8 @@ def test_orthogonalized_model_exports_to_hugging_face(tiny_model, tmp_path):
     import json
 
     v = unit(64, seed=5)
-    edited = rl.orthogonalize_weights(tiny_model, v)
+    edited = rl.orthogonalize_weights(tiny_model, v, provenance={"position": -1, "layer": 1,
+                                                                 "data": {"harmful_train": "ab12"}})
     path = edited.save_hf(tmp_path / "export")
     reloaded = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
     assert reloaded.config.tie_word_embeddings is False  # the head was untied before editing W_E
@@ -197,3 +198,8 @@ def test_orthogonalized_model_exports_to_hugging_face(tiny_model, tmp_path):
     assert (exported - hooked).abs().max() <= 1e-3
     card = json.loads((path / "refusal_lens.json").read_text())
     assert card["edit"] == "orthogonalize_weights" and len(card["direction"]) == 64
+    assert (card["layer"], card["position"], card["data"]) == (1, -1, {"harmful_train": "ab12"})
+    assert card["versions"]["refusal-lens"] == rl.__version__
+    readme = (path / "README.md").read_text()
+    assert readme.startswith("---\nlibrary_name: transformers") and "| direction layer | 1 |" in readme
+    assert "`ab12`" in readme and f"| refusal_lens | {rl.__version__} |" in readme
