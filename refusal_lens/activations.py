@@ -105,8 +105,7 @@ unembedding unless the last block's output is asked for). Returns the resolved
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     pos_index = torch.tensor(positions)
-    check_eoi = len(positions) and min(positions) >= -len(model.chat.eoi_tokens)
-    eoi = torch.tensor(model.chat.eoi_tokens)
+    check_eoi = bool(len(positions)) and min(positions) >= -len(model.chat.eoi_tokens)
     # resid_pre of layer L is the input of block L: blocks 0..L-1 suffice. Other sites need block L.
     stop = max(layers) + (0 if hook == "resid_pre" else 1)
     stop_at_layer = stop if 0 < stop < model.cfg.n_layers else None
@@ -121,19 +120,33 @@ unembedding unless the last block's output is asked for). Returns the resolved
     fwd_hooks = [(hook_name(hook, layer), make_hook(i)) for i, layer in enumerate(layers)]
     starts = range(0, len(prompts), batch_size)
     show = len(starts) >= _PROGRESS_FROM_BATCHES if progress is None else progress
-    device = model.cfg.device
     with torch.no_grad(), model.hooks(fwd_hooks=fwd_hooks):
         for batch_start in tqdm(starts, disable=not show, desc=f"{hook} activations", unit="batch"):
-            batch = model.chat.tokenize(prompts[batch_start : batch_start + batch_size], system=system)
-            ids = batch["input_ids"]
-            if check_eoi and not (ids[:, -len(eoi):] == eoi).all():
-                row = int((ids[:, -len(eoi):] != eoi).any(-1).nonzero()[0])
-                raise ValueError(
-                    f"prompt {prompts[batch_start + row][:60]!r} does not end with the end-of-instruction "
-                    "tokens after tokenization (its last characters merge with the template); edit it"
-                )
-            model(ids.to(device), attention_mask=batch["attention_mask"].to(device), stop_at_layer=stop_at_layer)
+            forward_chat(model, prompts[batch_start : batch_start + batch_size], system=system,
+                         stop_at_layer=stop_at_layer, check_eoi=check_eoi)
     return positions, layers
+
+
+def forward_chat(model, instructions: Sequence[str], *, system: str | None = None, stop_at_layer: int | None = None,
+                 check_eoi: bool = False):
+    """One forward pass over ``instructions`` in the model's chat format, left-padded, on the model's device.
+
+    Call it inside ``torch.no_grad()`` and ``model.hooks(...)``; returns what the model returns (logits
+    ``[batch, pos, d_vocab]``, or the residual when ``stop_at_layer`` is set). ``check_eoi`` raises when a
+    prompt's last tokens are not the end-of-instruction tokens (its end merged with the template).
+    """
+    batch = model.chat.tokenize(list(instructions), system=system)
+    ids = batch["input_ids"]
+    if check_eoi:
+        eoi = torch.tensor(model.chat.eoi_tokens)
+        if not (ids[:, -len(eoi):] == eoi).all():
+            row = int((ids[:, -len(eoi):] != eoi).any(-1).nonzero()[0])
+            raise ValueError(
+                f"prompt {instructions[row][:60]!r} does not end with the end-of-instruction "
+                "tokens after tokenization (its last characters merge with the template); edit it"
+            )
+    device = model.cfg.device
+    return model(ids.to(device), attention_mask=batch["attention_mask"].to(device), stop_at_layer=stop_at_layer)
 
 
 def mean_activations(

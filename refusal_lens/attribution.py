@@ -29,7 +29,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .activations import check_prompts, eoi_positions, hook_name
+from .activations import check_prompts, eoi_positions, forward_chat, hook_name
 from .directions import InvalidDirectionError
 from .interventions import Intervention
 
@@ -148,12 +148,9 @@ def decompose(
         hooks += [(f"blocks.{l}.attn.hook_z", make_hook("z", l)),
                   (hook_name("attn_out", l), make_hook("attn_out", l)),
                   (hook_name("mlp_out", l), make_hook("mlp_out", l))]
-    device = model.cfg.device
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
         for start in range(0, n, batch_size):
-            batch = model.chat.tokenize(prompts[start : start + batch_size])
-            model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                  stop_at_layer=layer)
+            forward_chat(model, prompts[start : start + batch_size], stop_at_layer=layer)
     attn_bias = torch.tensor(bias_terms, dtype=torch.float64).expand(n, layer).clone()
     mismatch = (heads.sum(-1) + attn_bias - attn_check).abs().max()
     if mismatch > COMPLETENESS_RTOL * attn_check.abs().mean().clamp_min(1e-12):
@@ -229,12 +226,10 @@ def head_means(
         return hook_fn
 
     hooks = [(f"blocks.{l}.attn.hook_z", make_hook(i)) for i, l in enumerate(layers)]
-    device = model.cfg.device
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
         for start in range(0, len(prompts), batch_size):
-            batch = model.chat.tokenize(prompts[start : start + batch_size])
-            model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                  stop_at_layer=max(layers) + 1 if max(layers) + 1 < model.cfg.n_layers else None)
+            forward_chat(model, prompts[start : start + batch_size],
+                         stop_at_layer=max(layers) + 1 if max(layers) + 1 < model.cfg.n_layers else None)
     return total / len(prompts)
 
 

@@ -27,7 +27,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .activations import activations, check_prompts
+from .activations import activations, check_prompts, forward_chat
 from .attribution import _unit, decompose
 from .metrics import refusal_log_odds, refusal_summary
 
@@ -186,12 +186,11 @@ def attention_shares(model, instructions: Sequence[str], suffix: str, heads: Seq
     rows: dict[int, Tensor] = {}
     hooks = [(f"blocks.{l}.attn.hook_pattern", lambda p, hook, l=l: rows.__setitem__(l, p[0, :, -1].double().cpu()))
              for l in layers]
-    device = model.cfg.device
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
         for instruction in check_prompts(instructions):
             instruction_idx, suffix_idx = token_regions(model, instruction, suffix)
-            ids = model.chat.tokenize([instruction + suffix])["input_ids"].to(device)
-            model(ids, stop_at_layer=max(layers) + 1 if max(layers) + 1 < model.cfg.n_layers else None)
+            forward_chat(model, [instruction + suffix],
+                         stop_at_layer=max(layers) + 1 if max(layers) + 1 < model.cfg.n_layers else None)
             for l, h in heads:
                 sums[(l, h)][0] += float(rows[l][h, instruction_idx].sum())
                 sums[(l, h)][1] += float(rows[l][h, suffix_idx].sum()) if suffix_idx else 0.0
