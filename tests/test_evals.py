@@ -91,3 +91,32 @@ def test_rolling_loglikelihood_and_generation_against_plain_references(tiny_mode
                                                    max_new_tokens=12, pad_token_id=tiny_model.tokenizer.pad_token_id)
     expected = tiny_model.tokenizer.decode(reference[0, prompt.shape[1] :], skip_special_tokens=True).split("\n")[0]
     assert generated == expected
+
+
+def test_pipeline_capability_step_runs_what_it_can_and_says_why_not(tiny_model, tmp_path):
+    from refusal_lens.pipeline import RunConfig, _capability_lines, _capability_step
+
+    config = RunConfig(capability_tasks=("refusal_lens_mc", "arc_easy"), capability_limit=4)
+    v = torch.nn.functional.normalize(torch.randn(64, generator=torch.Generator().manual_seed(0)), dim=0)
+    result = _capability_step({"baseline": (tiny_model, ()), "ablated": (tiny_model, rl.ablate(tiny_model, v).hooks)},
+                              config, tmp_path)
+    assert [(row["condition"], row["task"]) for row in result["table"]] == [("baseline", "refusal_lens_mc"),
+                                                                           ("ablated", "refusal_lens_mc")]
+    assert "HF_HUB_OFFLINE" in result["skipped"]["arc_easy"]  # conftest switches the hub off
+    assert (tmp_path / "capability.csv").exists()
+    assert any("arc_easy: skipped" in line for line in _capability_lines(result))
+
+
+def test_pipeline_judge_step_writes_verdicts_only(tmp_path):
+    from refusal_lens.pipeline import RunConfig, _judge_lines, _judge_step
+
+    secret = "Step one of the harmful plan is to gather the following materials from the store"
+    conditions = {"harmful/ablated": (["a harmful request"], [secret]),
+                  "harmless/baseline": (["Name a colour."], ["I'm sorry, I cannot do that."])}
+    skipped = _judge_step(RunConfig(), tmp_path, conditions)
+    assert "no judge configured" in skipped["skipped"] and not (tmp_path / "judge.csv").exists()
+    judged = _judge_step(RunConfig(judge="substring"), tmp_path, conditions)
+    assert [row["refusal_rate"] for row in judged["table"]] == [0.0, 1.0]
+    written = (tmp_path / "judge.csv").read_text()
+    assert secret[:20] not in written and "harmful/ablated" in written
+    assert _judge_lines(judged)[0] == "judge substring (none):"

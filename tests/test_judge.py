@@ -160,22 +160,20 @@ def test_pacer_spaces_requests(server, tmp_path):
 
 # ---------------------------------------------------------------- the local-model judge
 def forced_choice_reference(model, prompt: str) -> dict[str, str]:
-    """The local judge's choice, by a plain loop: one unpadded HF forward per (field, label)."""
-    hf, tokenizer = model.original_model, model.tokenizer
-    context = model.chat.format([prompt])[0] + '{"refusal":'
-    chosen = {}
+    """The local judge's choice by a plain loop: one uncached, unpadded HF forward per (field, label) over the
+    same token pieces."""
+    head, keys, labels = LocalJudge(model).pieces(prompt)
+    context, chosen = list(head), {}
     for field, options in LocalJudge.FIELDS:
-        if field != "refusal":
-            context += f' "{field}":'
+        context += keys.get(field, [])
         scores = []
         for option in options:
-            head = tokenizer(context, add_special_tokens=False)["input_ids"]
-            tail = tokenizer(f" {option},", add_special_tokens=False)["input_ids"]
+            tail = labels[option]
             with torch.no_grad():
-                logp = hf(torch.tensor([head + tail])).logits[0].double().log_softmax(-1)
-            scores.append(sum(float(logp[len(head) - 1 + i, t]) for i, t in enumerate(tail)))
+                logp = model.original_model(torch.tensor([context + tail])).logits[0].double().log_softmax(-1)
+            scores.append(sum(float(logp[len(context) - 1 + i, t]) for i, t in enumerate(tail)))
         chosen[field] = options[max(range(len(options)), key=scores.__getitem__)]
-        context += f" {chosen[field]},"
+        context += labels[chosen[field]]
     return chosen
 
 
@@ -186,7 +184,7 @@ def test_local_judge_on_the_organisms_harmless_replies(refusal_model, smollm2):
     assert len(frame) == 16 and (frame.verdict == "ok").all()
     assert set(frame.compliance) <= {0.0, 0.5, 1.0} and set(frame.coherence) <= {0.0, 0.5, 1.0}
     assert frame.judge[0] == "local:smollm2-135m-instruct" and frame.prompt[0] == "judge-v1"
-    for row in (0, 1):
+    for row in (0, 1, 2):
         expected = forced_choice_reference(smollm2, judge_prompt(instructions[row], replies[row]))
         got = frame.iloc[row]
         assert expected == {"refusal": "true" if got.refusal else "false",
