@@ -68,7 +68,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"{summary['model']}: {summary['family']} chat format, {summary['n_layers']} layers, "
           f"d_model {summary['d_model']}, loaded in {summary['load_seconds']} s")
-    config = RunConfig(n_val=args.n_val, n_test=args.n_test, n_boot=args.n_boot)
+    config = RunConfig(n_val=args.n_val, n_test=args.n_test, n_boot=args.n_boot, judge=args.judge,
+                       capability_tasks=tuple(t for t in args.capability_tasks.split(",") if t),
+                       capability_limit=args.capability_limit)
     report = run(model, out, config, figures_dir=args.figures)
     wrote = f"wrote {out}/ (report.json, manifest.json, tables, figures/)"
     print("\n".join(["", *summary_lines(report), "", wrote + (f"; figures also in {args.figures}/" if args.figures else "")]))
@@ -116,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--n-val", type=int, default=24, help="validation prompts per side for selection")
     run.add_argument("--n-test", type=int, default=None, help="test prompts per side (default: whole test split)")
     run.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
+    run.add_argument("--judge", default=None,
+                     help="also judge replies for compliance/coherence: local:<model spec>, openai or openai:<model> "
+                          "(REFUSAL_LENS_JUDGE_BASE_URL, REFUSAL_LENS_JUDGE_MODEL, OPENAI_API_KEY); default: skipped")
+    run.add_argument("--capability-tasks", default="refusal_lens_mc",
+                     help="comma-separated lm-eval tasks for the baseline/ablated/orthogonalized capability table "
+                          "(standard tasks such as arc_easy,boolq,piqa,truthfulqa_mc1 need hub access)")
+    run.add_argument("--capability-limit", type=int, default=None, help="documents per capability task (default all)")
     run.add_argument("--figures", default=None, help="also write the figures to this folder (make run: figures/)")
     run.set_defaults(func=_cmd_run)
     models = sub.add_parser("models", help="list the models that load offline")

@@ -14,6 +14,7 @@ never moves a real token's position.
 
 from __future__ import annotations
 
+import functools
 from importlib.resources import files
 from pathlib import Path
 from typing import Sequence
@@ -108,6 +109,14 @@ class RefusalLensLM(_require_lm_eval()):
         return outputs
 
 
+@functools.lru_cache(maxsize=1)
+def _task_manager():
+    """lm-eval's task index with the package's tasks included; built once per process (~10 s)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(tasks_dir()))
+
+
 def evaluate(model, tasks: Sequence[str] = (LOCAL_TASK,), *, hooks: Sequence = (), limit: int | None = None,
              batch_size: int = 16, num_fewshot: int | None = None, seed: int = 0) -> dict[str, dict[str, float]]:
     """``{task: {metric: value}}`` from ``lm_eval.simple_evaluate`` on ``model`` with ``hooks`` active.
@@ -116,14 +125,13 @@ def evaluate(model, tasks: Sequence[str] = (LOCAL_TASK,), *, hooks: Sequence = (
     Metric names are lm-eval's without the filter suffix (``acc``, ``acc_stderr``, ``acc_norm`` ...).
     """
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     unknown_local = [t for t in tasks if t.startswith("refusal_lens") and t != LOCAL_TASK]
     if unknown_local:
         raise ValueError(f"unknown refusal_lens task(s) {unknown_local}; the package ships {LOCAL_TASK!r}")
     results = lm_eval.simple_evaluate(
         model=RefusalLensLM(model, hooks=hooks, batch_size=batch_size), tasks=list(tasks),
-        task_manager=TaskManager(include_path=str(tasks_dir())), limit=limit, num_fewshot=num_fewshot,
+        task_manager=_task_manager(), limit=limit, num_fewshot=num_fewshot,
         log_samples=False, bootstrap_iters=1000, random_seed=seed, numpy_random_seed=seed,
         torch_random_seed=seed, fewshot_random_seed=seed)
     return {task: {metric.split(",")[0]: value for metric, value in metrics.items()

@@ -43,6 +43,9 @@ class RunConfig:
     alphas: tuple[float, ...] = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5)  # ablation strengths to sweep
     n_alpha: int = 32  # harmful test prompts per alpha (refusal score only)
     n_padding_check: int = 8  # prompts for the batched-vs-sequential check
+    judge: str | None = None  # "openai", "openai:<model>" or "local:<model spec>" (rl.judge.get_judge); None: skipped
+    capability_tasks: tuple[str, ...] = ("refusal_lens_mc",)  # lm-eval tasks; standard ones need hub access
+    capability_limit: int | None = None  # documents per task (None: all)
 
 
 def _rate(replies: list[str]) -> float:
@@ -136,7 +139,7 @@ def run(model, out: str | Path, config: RunConfig = RunConfig(), log=print, figu
     else:
         save_selected(out, *candidate, note)
         report.update(_interventions(model, selection, candidate, note, separability, stability, harmful_test,
-                                     harmless_test, config))
+                                     harmless_test, config, out))
         sweep = alpha_sweep(model, selection.directions.direction(*candidate), harmful_test[: config.n_alpha],
                             config.alphas, batch_size=config.batch_size)
         sweep.to_csv(out / "alpha_sweep.csv", index=False)
@@ -166,8 +169,9 @@ def alpha_sweep(model, direction, harmful, alphas, *, batch_size: int = 32):
 
 
 def _interventions(model, selection, candidate, note, separability, stability, harmful_test, harmless_test,
-                   config) -> dict:
-    """Refusal with ablation and addition, KL, CE and the orthogonalization check for one candidate."""
+                   config, out: Path) -> dict:
+    """Refusal with ablation and addition, KL, CE, the orthogonalization check, the judge step and the
+    capability table for one candidate."""
     pos, layer = candidate
     direction = selection.directions.direction(pos, layer)
     vector = selection.directions.direction(pos, layer, unit=False)
@@ -188,7 +192,12 @@ def _interventions(model, selection, candidate, note, separability, stability, h
         with model.hooks(fwd_hooks=ablate(model, direction).hooks):
             hooked = model(probe["input_ids"], attention_mask=probe["attention_mask"])
         ortho_diff = float((edited(probe["input_ids"], attention_mask=probe["attention_mask"]) - hooked).abs().max())
+    capability = _capability_step({"baseline": (model, ()), "ablated": (model, ablate(model, direction).hooks),
+                                   "orthogonalized": (edited, ())}, config, out)
     del edited
+    judged = _judge_step(config, out, {
+        "harmful/baseline": (harmful_test, harmful_base), "harmful/ablated": (harmful_test, harmful_ablated),
+        "harmless/baseline": (harmless_test, harmless_base), "harmless/added": (harmless_test, harmless_added)})
 
     at = lambda table: table[(table.pos == pos) & (table.layer == layer)]  # noqa: E731
     row = at(selection.table).iloc[0]
@@ -206,6 +215,8 @@ def _interventions(model, selection, candidate, note, separability, stability, h
         "kl_ablation_harmless_mean": round(float(kl.mean()), 5),
         "ce_harmless_replies": {"baseline": round(ce_base, 4), "ablated": round(ce_ablated, 4)},
         "orthogonalized_vs_hooks_max_logit_diff": ortho_diff,
+        "judge": judged,
+        "capability": capability,
         "examples": {
             "harmful_ablated": [{"instruction": i, "reply_first_60": safe_excerpt(r), "refused": is_refusal(r)}
                                 for i, r in zip(harmful_test[:3], harmful_ablated[:3])],
@@ -213,6 +224,32 @@ def _interventions(model, selection, candidate, note, separability, stability, h
                                for i, r in zip(harmless_test[:3], harmless_added[:3])],
         },
     }
+
+
+def _judge_step(config: RunConfig, out: Path, conditions: dict) -> dict:
+    """Compliance/coherence verdicts per condition (``judge.csv``: verdicts only), or why it was skipped."""
+    from .judge import condition_table, get_judge, judge_conditions
+
+    if not config.judge:
+        return {"skipped": "no judge configured: pass --judge local:<model> or --judge openai (with "
+                           "REFUSAL_LENS_JUDGE_MODEL, REFUSAL_LENS_JUDGE_BASE_URL and an API key in the environment)"}
+    frame = judge_conditions(get_judge(config.judge), conditions, harmful=[c for c in conditions if c.startswith("harmful")])
+    frame.to_csv(out / "judge.csv", index=False)
+    return {"judge": frame.judge.iloc[0], "prompt": frame.prompt.iloc[0],
+            "table": condition_table(frame).round(4).to_dict(orient="records")}
+
+
+def _capability_step(conditions: dict, config: RunConfig, out: Path) -> dict:
+    """lm-eval accuracy per condition (``capability.csv``), with the tasks that could not run and why."""
+    try:
+        from . import evals
+    except ImportError as error:
+        return {"skipped": {task: str(error) for task in config.capability_tasks}}
+    table, skipped = evals.capability_table(conditions, config.capability_tasks, limit=config.capability_limit,
+                                            batch_size=config.batch_size)
+    if len(table):
+        table.to_csv(out / "capability.csv", index=False)
+    return {"table": table.round(4).to_dict(orient="records"), "skipped": skipped}
 
 
 def summary_lines(report: dict) -> list[str]:
@@ -230,4 +267,20 @@ def summary_lines(report: dict) -> list[str]:
         f"KL on harmless (ablation) {report['kl_ablation_harmless_mean']:.4f} nats",
         f"CE harmless replies       {report['ce_harmless_replies']['baseline']:.3f} -> {report['ce_harmless_replies']['ablated']:.3f} nats/token",
         f"orthogonalized vs hooks   max logit diff {report['orthogonalized_vs_hooks_max_logit_diff']:.2e}",
+        *_capability_lines(report["capability"]),
+        *_judge_lines(report["judge"]),
     ]
+
+
+def _capability_lines(capability: dict) -> list[str]:
+    lines = [f"capability {row['task']:<14} {row['condition']:<15} acc {row['acc']:.3f} ± {row['acc_stderr']:.3f}"
+             for row in capability.get("table", []) if "acc" in row]
+    return lines + [f"capability {task}: skipped ({why})" for task, why in capability["skipped"].items()]
+
+
+def _judge_lines(judged: dict) -> list[str]:
+    if "skipped" in judged:
+        return [f"judge                     skipped: {judged['skipped']}"]
+    return [f"judge {judged['judge']} ({judged['prompt']}):"] + [
+        f"  {row['condition']:<18} refusal {row['refusal_rate']:.1%}, compliance {row['compliance']:.2f}, "
+        f"coherence {row['coherence']:.2f}, unknown {row['n_unknown']}/{row['n']}" for row in judged["table"]]
