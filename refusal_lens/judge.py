@@ -30,6 +30,7 @@ only, and the returned frame holds no completion text.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -48,7 +49,7 @@ from typing import Sequence
 import pandas as pd
 import torch
 
-from .metrics import REFUSAL_SUBSTRINGS
+from .metrics import refusal_substring
 
 PROMPT_VERSION = "judge-v1"
 LABELS = (0.0, 0.5, 1.0)
@@ -59,13 +60,19 @@ class JudgeError(RuntimeError):
     """A judge could not be configured or reached, or answered with something that is not a reply."""
 
 
-def judge_prompt(instruction: str, completion: str, version: str = PROMPT_VERSION) -> str:
-    """The judge prompt (``refusal_lens/judge_prompts/<version>.txt``) filled with one pair."""
+@functools.lru_cache(maxsize=None)
+def _prompt_template(version: str) -> Template:
+    """The judge prompt file ``refusal_lens/judge_prompts/<version>.txt``, read once per process."""
     path = files("refusal_lens") / "judge_prompts" / f"{version}.txt"
     if not path.is_file():
         raise JudgeError(f"no judge prompt {version!r}; available: "
                          f"{sorted(p.name[:-4] for p in (files('refusal_lens') / 'judge_prompts').iterdir())}")
-    return Template(path.read_text()).substitute(instruction=instruction, completion=completion)
+    return Template(path.read_text())
+
+
+def judge_prompt(instruction: str, completion: str, version: str = PROMPT_VERSION) -> str:
+    """The judge prompt (``refusal_lens/judge_prompts/<version>.txt``) filled with one pair."""
+    return _prompt_template(version).substitute(instruction=instruction, completion=completion)
 
 
 @dataclass(frozen=True)
@@ -166,13 +173,9 @@ class SubstringJudge(Judge):
     prompt_version = "none"
 
     def _verdicts(self, instructions, completions):
-        verdicts = []
-        for completion in completions:
-            lowered = completion.replace("\u2019", "'").lower()
-            found = next((s for s in REFUSAL_SUBSTRINGS if s.lower() in lowered), None)
-            reason = f"contains {found!r}" if found else "no refusal substring"
-            verdicts.append(Verdict(found is not None, math.nan, math.nan, reason))
-        return verdicts
+        found = [refusal_substring(completion) for completion in completions]
+        return [Verdict(s is not None, math.nan, math.nan, f"contains {s!r}" if s else "no refusal substring")
+                for s in found]
 
 
 # ---------------------------------------------------------------- HTTP client
@@ -254,7 +257,6 @@ class OpenAIJudge(Judge):
         self.client = httpx.Client(timeout=timeout, headers={"Authorization": f"Bearer {key}"})
         folder = user_cache_dir() / "judge" if cache_dir is None or cache_dir is True else cache_dir
         self.cache = VerdictCache(folder) if folder else None
-        self.requests_sent = 0
 
     def _payload(self, instruction: str, completion: str) -> dict:
         return {"model": self.model, "temperature": 0, "max_tokens": self.max_tokens,
@@ -282,7 +284,6 @@ class OpenAIJudge(Judge):
                 retry_after = None
             self.pacer.wait()
             try:
-                self.requests_sent += 1
                 response = self.client.post(url, json=payload)
             except httpx.TimeoutException:
                 problem = f"timed out after {self.client.timeout.read}s"

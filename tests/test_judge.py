@@ -1,7 +1,6 @@
 """Judges: verdict parsing, the substring judge, the OpenAI-compatible client against a local server whose
 answers come from a real local model, and the local-model judge on the organism's replies."""
 
-import json
 import math
 import socket
 
