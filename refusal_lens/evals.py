@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .metrics import continuation_logprobs
 
@@ -139,25 +138,6 @@ def evaluate(model, tasks: Sequence[str] = (LOCAL_TASK,), *, hooks: Sequence = (
             for task, metrics in results["results"].items()}
 
 
-def multiple_choice_accuracy(model, items: Sequence[dict], *, hooks: Sequence = ()) -> float:
-    """Reference accuracy of ``items`` ({question, choices, answer}) scored by a plain per-choice loop:
-    one unpadded forward per (question, choice), summed log-probabilities of the choice's tokens (float64).
-    Independent of lm-eval and of ``RefusalLensLM``; used to check them."""
-    tokenizer, device = model.tokenizer, model.cfg.device
-    correct = 0
-    with torch.no_grad(), model.hooks(fwd_hooks=list(hooks)):
-        for item in items:
-            context = tokenizer(f"Question: {item['question']}\nAnswer:", add_special_tokens=False)["input_ids"]
-            scores = []
-            for choice in item["choices"]:
-                continuation = tokenizer(" " + choice, add_special_tokens=False)["input_ids"]
-                ids = torch.tensor([context + continuation], device=device)
-                logp = F.log_softmax(model(ids).double(), -1)[0, len(context) - 1 : -1].cpu()
-                scores.append(float(logp.gather(-1, torch.tensor(continuation)[:, None]).sum()))
-            correct += int(max(range(len(scores)), key=scores.__getitem__) == item["answer"])
-    return correct / len(items)
-
-
 def local_task_items() -> list[dict]:
     """The items of ``refusal_lens_mc`` as dicts."""
     import json
@@ -192,9 +172,7 @@ def capability_table(conditions: dict[str, tuple[object, Sequence]], tasks: Sequ
     import pandas as pd
 
     runnable, skipped = runnable_tasks(tasks)
-    rows = []
-    for name, (model, hooks) in conditions.items():
-        if runnable:
-            for task, metrics in evaluate(model, runnable, hooks=hooks, limit=limit, batch_size=batch_size).items():
-                rows.append({"condition": name, "task": task, **metrics})
+    rows = [{"condition": name, "task": task, **metrics}
+            for name, (model, hooks) in (conditions.items() if runnable else ())
+            for task, metrics in evaluate(model, runnable, hooks=hooks, limit=limit, batch_size=batch_size).items()]
     return pd.DataFrame(rows), skipped

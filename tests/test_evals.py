@@ -15,6 +15,23 @@ from refusal_lens import evals  # noqa: E402
 N_ITEMS = 16  # lm-eval's `limit` takes the first N documents
 
 
+def multiple_choice_accuracy(model, items) -> float:
+    """Reference accuracy of ``items`` ({question, choices, answer}) by a plain per-choice loop, independent of
+    lm-eval and RefusalLensLM: one unpadded forward per (question, choice), summed log-probabilities (float64)."""
+    tokenizer = model.tokenizer
+    correct = 0
+    with torch.no_grad():
+        for item in items:
+            context = tokenizer(f"Question: {item['question']}\nAnswer:", add_special_tokens=False)["input_ids"]
+            scores = []
+            for choice in item["choices"]:
+                continuation = tokenizer(" " + choice, add_special_tokens=False)["input_ids"]
+                logp = model(torch.tensor([context + continuation])).double().log_softmax(-1)[0, len(context) - 1 : -1]
+                scores.append(float(logp.gather(-1, torch.tensor(continuation)[:, None]).sum()))
+            correct += int(max(range(len(scores)), key=scores.__getitem__) == item["answer"])
+    return correct / len(items)
+
+
 class Request:
     """The one attribute of lm-eval's Instance that an LM reads."""
 
@@ -38,7 +55,7 @@ def direction(refusal_model):
 def test_lm_eval_accuracy_equals_a_plain_loop_and_is_unchanged_by_a_zero_effect_ablation(refusal_model, direction):
     items = evals.local_task_items()[:N_ITEMS]
     plain = evals.evaluate(refusal_model, limit=N_ITEMS)["refusal_lens_mc"]
-    assert plain["acc"] == pytest.approx(evals.multiple_choice_accuracy(refusal_model, items), abs=1e-12)
+    assert plain["acc"] == pytest.approx(multiple_choice_accuracy(refusal_model, items), abs=1e-12)
     assert plain["acc"] > 0.25  # above chance on four choices
     zero_effect = evals.evaluate(refusal_model, limit=N_ITEMS, hooks=rl.ablate(refusal_model, direction, alpha=0.0))
     assert zero_effect["refusal_lens_mc"]["acc"] == plain["acc"]
