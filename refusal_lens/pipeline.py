@@ -176,23 +176,24 @@ def _interventions(model, selection, candidate, note, separability, stability, h
     direction = selection.directions.direction(pos, layer)
     vector = selection.directions.direction(pos, layer, unit=False)
     gen = dict(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
+    ablation = ablate(model, direction).hooks
     harmful_base = generate(model, harmful_test, **gen)
-    harmful_ablated = generate(model, harmful_test, hooks=ablate(model, direction).hooks, **gen)
+    harmful_ablated = generate(model, harmful_test, hooks=ablation, **gen)
     harmless_base = generate(model, harmless_test, **gen)
     harmless_added = generate(model, harmless_test, hooks=add(model, vector, layer=layer).hooks, **gen)
-    kl = kl_last_token(model, harmless_test, hooks=ablate(model, direction).hooks, batch_size=config.batch_size)
+    kl = kl_last_token(model, harmless_test, hooks=ablation, batch_size=config.batch_size)
     # Cross-entropy on the model's own replies to harmless prompts (full text is fine for harmless prompts).
     harmless_texts = [p + r for p, r in zip(model.chat.format(harmless_test), harmless_base) if r]
     ce_base = ce_loss(model, harmless_texts)
-    ce_ablated = ce_loss(model, harmless_texts, hooks=ablate(model, direction).hooks)
+    ce_ablated = ce_loss(model, harmless_texts, hooks=ablation)
 
     probe = model.chat.tokenize(harmless_test[:8])
     edited = orthogonalize_weights(model, direction)
     with torch.no_grad():
-        with model.hooks(fwd_hooks=ablate(model, direction).hooks):
+        with model.hooks(fwd_hooks=ablation):
             hooked = model(probe["input_ids"], attention_mask=probe["attention_mask"])
         ortho_diff = float((edited(probe["input_ids"], attention_mask=probe["attention_mask"]) - hooked).abs().max())
-    capability = _capability_step({"baseline": (model, ()), "ablated": (model, ablate(model, direction).hooks),
+    capability = _capability_step({"baseline": (model, ()), "ablated": (model, ablation),
                                    "orthogonalized": (edited, ())}, config, out)
     del edited
     judged = _judge_step(config, out, {
