@@ -50,8 +50,13 @@ def reference_selection(model, directions, harmful, harmless, *, kl_max=0.1, max
     return ((best["pos"], best["layer"]) if best else None), rows
 
 
-def compare(model_spec: str = "smollm2-135m-refusal", n_val: int = 16, positions=(-1, -3, -5)) -> dict:
-    """Time both on the organism's directions (train split) and val prompts (first ``n_val`` of each)."""
+def compare(model_spec: str = "smollm2-135m-refusal", n_val: int = 16, positions=(-1, -3, -5),
+            kl_max: float = 0.1) -> dict:
+    """Time both on the organism's directions (train split) and val prompts (first ``n_val`` of each).
+
+    ``kl_max`` is the KL filter for both (the paper's 0.1 by default; the organism passes no candidate
+    there, so a looser one shows the two agreeing on a pick that exists).
+    """
     import refusal_lens as rl
 
     model = rl.load_model(model_spec, device="cpu")
@@ -60,14 +65,15 @@ def compare(model_spec: str = "smollm2-135m-refusal", n_val: int = 16, positions
     directions = rl.diff_in_means(model, train.harmful_texts, train.harmless_texts, positions=list(positions))
     harmful, harmless = val.harmful_texts[:n_val], val.harmless_texts[:n_val]
     started = time.perf_counter()
-    ours = rl.select_direction(model, directions, harmful, harmless, n_boot=0, progress=False)
+    ours = rl.select_direction(model, directions, harmful, harmless, kl_max=kl_max, n_boot=0, progress=False)
     ours_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    reference_best, _ = reference_selection(model, directions, harmful, harmless)
+    reference_best, _ = reference_selection(model, directions, harmful, harmless, kl_max=kl_max)
     reference_seconds = time.perf_counter() - started
     return {
         "model": model_spec, "n_val": n_val, "positions": list(positions), "n_layers": model.cfg.n_layers,
-        "candidates": int(directions.valid.sum()), "scored_by_ours": int(ours.table.scored.sum()),
+        "kl_max": kl_max, "candidates": int(directions.valid.sum()),
+        "scores_by_ours": {k: int(ours.table[k].notna().sum()) for k in ("bypass", "induce", "kl")},
         "ours_seconds": ours_seconds, "reference_seconds": reference_seconds,
         "speed_ratio": reference_seconds / ours_seconds,
         "ours_best": ours.best, "reference_best": reference_best, "same_pick": ours.best == reference_best,
@@ -78,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-refusal")
     parser.add_argument("--n-val", type=int, default=16)
+    parser.add_argument("--kl-max", type=float, default=0.1)
     args = parser.parse_args(argv)
-    print(json.dumps(compare(args.model, args.n_val), indent=2))
+    print(json.dumps(compare(args.model, args.n_val, kl_max=args.kl_max), indent=2))
     return 0
 
 

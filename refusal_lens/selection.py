@@ -15,16 +15,24 @@ lowest bypass wins.
 
 Speed: prompts are tokenized once and the unmodified runs happen once; the
 layer filter drops candidates before any scoring; only the last position is
-unembedded. Since the winner is the lowest-bypass candidate that passes the
-filters, bypass is scored for every candidate, and induce and KL only for the
+unembedded. Induce starts its forward pass at the intervention layer from the
+block inputs recorded during the unmodified harmless run (checked once against
+a full pass; where the model's blocks cannot be replayed, full passes are used).
+Scores are computed lazily: the winner needs all three, any other candidate
+only the cheapest proof that it cannot win, either a failed induce or a bypass
+above the winner's. When most candidates induce refusal (measured on a few
+probes), bypass is scored for every candidate and induce and KL only for the
 ``finalists``, taken in order of bypass until at least ``n_finalists`` are
-scored and one passes. This picks exactly what scoring everything would
-(``full_table=True`` scores everything, for plots).
+judged and one passes; when few do, induce goes first and only the candidates
+that pass it are scored further. Either way the pick is exactly what scoring
+everything would give (``full_table=True`` scores all three for every
+candidate, for plots).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -40,6 +48,10 @@ from .directions import Directions
 from .interventions import ablate, add
 from .metrics import LAST_POSITION_ONLY, kl_divergence, refusal_log_odds
 
+# Induce is scored first for every candidate when fewer than this share of the probes pass it.
+_INDUCE_FIRST_BELOW = 0.5
+_N_PROBES = 8
+
 
 @dataclass
 class Selection:
@@ -47,7 +59,8 @@ class Selection:
 
     Attributes:
         table: one row per candidate: ``pos``, ``layer``, ``bypass``, ``induce``, ``kl``
-            (NaN where not scored), ``scored`` (induce and KL computed), ``kept``.
+            (NaN where not scored), ``scored`` (judged against the filters: induce computed, and KL
+            when induce passed or ``full_table``), ``kept``.
         best: ``(pos, layer)`` of the chosen candidate, or ``None`` if none passed.
         baseline: mean refusal score of the harmful and harmless prompts, unmodified.
         win_rate: share of bootstrap resamples of the val prompts in which ``best`` wins
@@ -90,20 +103,72 @@ class Selection:
 
 
 class _Scorer:
-    """Last-position logits of pre-tokenized prompt batches under a list of hooks."""
+    """Last-position logits of pre-tokenized prompt batches under a list of hooks.
+
+    ``logits(record_from=l)`` also keeps, per batch, the input of every block from ``l`` on (hidden
+    states and the keyword arguments the model passed: mask, position ids, rotary tables), so that
+    ``logits_from(layer)`` can run only blocks ``layer..n_layers-1``: the same result as a full pass
+    whose hooks change nothing before ``resid_pre`` of ``layer``.
+    """
 
     def __init__(self, model, instructions: Sequence[str], batch_size: int):
         self.model = model
         self.batches = [model.chat.tokenize(instructions[s : s + batch_size]) for s in range(0, len(instructions), batch_size)]
+        self.block_inputs: list[dict[int, tuple[Tensor, dict]]] = []
 
-    def logits(self, hooks: Sequence = ()) -> Float[Tensor, "batch d_vocab"]:
+    def logits(self, hooks: Sequence = (), *, record_from: int | None = None) -> Float[Tensor, "batch d_vocab"]:
         device = self.model.cfg.device
+        recorded: dict[int, tuple[Tensor, dict]] = {}
+
+        def record(layer: int):
+            def pre_hook(_module, args, kwargs):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                kept = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "use_cache")}
+                recorded[layer] = (hidden, {**kept, "use_cache": False})
+            return pre_hook
+
+        layers = [] if record_from is None else range(record_from, self.model.cfg.n_layers)
+        handles = [self.model.blocks[l].register_forward_pre_hook(record(l), with_kwargs=True) for l in layers]
         rows = []
-        with torch.no_grad(), self.model.hooks(fwd_hooks=[*hooks, LAST_POSITION_ONLY]):
-            for batch in self.batches:
-                out = self.model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-                rows.append(out[:, -1].float().cpu())
+        try:
+            with torch.no_grad(), self.model.hooks(fwd_hooks=[*hooks, LAST_POSITION_ONLY]):
+                for batch in self.batches:
+                    out = self.model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+                    rows.append(out[:, -1].float().cpu())
+                    if layers:
+                        self.block_inputs.append(dict(recorded))
+        finally:
+            for handle in handles:
+                handle.remove()
         return torch.cat(rows)
+
+    def logits_from(self, layer: int, hooks: Sequence = ()) -> Float[Tensor, "batch d_vocab"]:
+        """Last-position logits from the recorded input of block ``layer`` on, with ``hooks`` active."""
+        model, rows = self.model, []
+        with torch.no_grad(), model.hooks(fwd_hooks=list(hooks)):
+            for recorded in self.block_inputs:
+                hidden = recorded[layer][0]
+                for block in range(layer, model.cfg.n_layers):
+                    out = model.blocks[block](hidden, **recorded[block][1])
+                    hidden = out[0] if isinstance(out, tuple) else out
+                rows.append(model.unembed(model.ln_final(hidden[:, -1:]))[:, -1].float().cpu())
+        return torch.cat(rows)
+
+
+def _replay_reproduces(scorer: _Scorer, layer: int, reference: Tensor) -> bool:
+    """Whether running blocks ``layer..`` from recorded inputs gives the full pass's logits (else warn)."""
+    try:
+        replayed = scorer.logits_from(layer)
+        error = float((replayed - reference).abs().max())
+    except Exception as exc:  # an architecture whose blocks need more than their recorded inputs
+        error, reason = math.inf, f"{type(exc).__name__}: {exc}"
+    else:
+        reason = f"max |difference| {error:.2e}"
+    if error <= 1e-4 * max(1.0, float(reference.abs().max())):
+        return True
+    warnings.warn(f"replaying blocks from layer {layer} does not reproduce the full forward pass on this model "
+                  f"({reason}); induce is scored with full forward passes instead (slower, same result)")
+    return False
 
 
 def select_direction(
@@ -128,41 +193,69 @@ def select_direction(
     harmful_val, harmless_val = check_prompts(harmful_val), check_prompts(harmless_val)
     refusal_tokens = model.chat.refusal_tokens
     harmful, harmless = _Scorer(model, harmful_val, batch_size), _Scorer(model, harmless_val, batch_size)
-    harmless_reference = harmless.logits()
-    baseline = {
-        "harmful": float(refusal_log_odds(harmful.logits(), refusal_tokens).mean()),
-        "harmless": float(refusal_log_odds(harmless_reference, refusal_tokens).mean()),
-    }
     max_layer = max_layer_frac * model.cfg.n_layers
     unit = directions.unit()
     candidates = [(p, l) for p, pos in enumerate(directions.positions) for l, layer in enumerate(directions.layers)
                   if directions.valid[p, l] and layer < max_layer]
     if not candidates:
         raise ValueError(f"no valid candidate below layer {max_layer:.1f}: check the directions' layers")
+    first_layer = min(directions.layers[l] for _, l in candidates)
+    harmless_reference = harmless.logits(record_from=first_layer)
+    replay = _replay_reproduces(harmless, first_layer, harmless_reference)
+    if not replay:
+        harmless.block_inputs.clear()
+    baseline = {
+        "harmful": float(refusal_log_odds(harmful.logits(), refusal_tokens).mean()),
+        "harmless": float(refusal_log_odds(harmless_reference, refusal_tokens).mean()),
+    }
     show = (len(candidates) >= 8) if progress is None else progress
+    per_prompt: dict[tuple[int, int], dict[str, Tensor]] = {c: {} for c in candidates}
 
-    per_prompt: dict[tuple[int, int], dict[str, Tensor]] = {}
-    for p, l in tqdm(candidates, disable=not show, desc="bypass scores", unit="candidate"):
-        scores = refusal_log_odds(harmful.logits(ablate(model, unit[p, l]).hooks), refusal_tokens)
-        per_prompt[(p, l)] = {"bypass": scores}
+    def score(name: str, p: int, l: int) -> float:
+        """Compute one score of candidate (p, l) unless already known; return its mean over prompts."""
+        scores = per_prompt[(p, l)]
+        if name not in scores:
+            if name == "bypass":
+                logits = harmful.logits(ablate(model, unit[p, l]).hooks)
+            elif name == "induce":
+                layer = directions.layers[l]
+                addition = add(model, directions.vectors[p, l], layer=layer).hooks
+                logits = harmless.logits_from(layer, addition) if replay else harmless.logits(addition)
+            else:
+                logits = harmless.logits(ablate(model, unit[p, l]).hooks)
+            scores[name] = (kl_divergence(harmless_reference, logits) if name == "kl"
+                            else refusal_log_odds(logits, refusal_tokens))
+        return float(scores[name].mean())
 
-    def score_rest(p: int, l: int) -> None:
-        ablated = harmless.logits(ablate(model, unit[p, l]).hooks)
-        added = harmless.logits(add(model, directions.vectors[p, l], layer=directions.layers[l]).hooks)
-        per_prompt[(p, l)]["kl"] = kl_divergence(harmless_reference, ablated)
-        per_prompt[(p, l)]["induce"] = refusal_log_odds(added, refusal_tokens)
+    def judged(scores: dict[str, Tensor]) -> bool:
+        return "induce" in scores and ("kl" in scores or float(scores["induce"].mean()) <= induce_min)
 
     def passes(scores: dict[str, Tensor]) -> bool:
-        return float(scores["induce"].mean()) > induce_min and float(scores["kl"].mean()) < kl_max
+        return judged(scores) and "kl" in scores and float(scores["induce"].mean()) > induce_min \
+            and float(scores["kl"].mean()) < kl_max
 
-    order = sorted(candidates, key=lambda c: float(per_prompt[c]["bypass"].mean()))
-    scored, passed = [], 0
-    for candidate in tqdm(order, disable=not show, desc="induce/KL scores", unit="candidate"):
-        if not full_table and len(scored) >= n_finalists and passed:
+    # Evaluation order. The winner needs all three scores; any other candidate only needs the cheapest
+    # proof that it cannot win: a failed induce (a replay from its layer, ~1 - layer/L of a pass), or a
+    # bypass above the winner's (a full pass). Induce on a spread of probes estimates how often induce
+    # passes; if rarely, induce goes first for every candidate and only those that pass get bypass.
+    probes = [candidates[i] for i in np.linspace(0, len(candidates) - 1, min(_N_PROBES, len(candidates))).astype(int)]
+    induce_rate = float(np.mean([score("induce", *c) > induce_min for c in probes]))
+    induce_first = full_table or induce_rate < _INDUCE_FIRST_BELOW
+    if induce_first:
+        for c in tqdm(candidates, disable=not show, desc="induce scores", unit="candidate"):
+            score("induce", *c)
+    contenders = [c for c in candidates if full_table or not induce_first or score("induce", *c) > induce_min]
+    for c in tqdm(contenders, disable=not show, desc="bypass scores", unit="candidate"):
+        score("bypass", *c)
+    finalists, passed = [], 0
+    for c in tqdm(sorted(contenders, key=lambda c: score("bypass", *c)), disable=not show,
+                  desc="finalists (induce, KL)", unit="candidate"):
+        if not full_table and len(finalists) >= n_finalists and passed:
             break
-        score_rest(*candidate)
-        scored.append(candidate)
-        passed += passes(per_prompt[candidate])
+        if full_table or score("induce", *c) > induce_min:
+            score("kl", *c)
+        finalists.append(c)
+        passed += passes(per_prompt[c])
 
     rows = []
     for p, pos in enumerate(directions.positions):
@@ -172,14 +265,15 @@ def select_direction(
             rows.append({
                 "pos": pos, "layer": layer,
                 "bypass": mean.get("bypass", math.nan), "induce": mean.get("induce", math.nan),
-                "kl": mean.get("kl", math.nan), "scored": "kl" in scores,
-                "kept": "kl" in scores and passes(scores),
+                "kl": mean.get("kl", math.nan), "scored": judged(scores), "kept": passes(scores),
                 "reason": _reason(directions.valid[p, l], layer, max_layer, scores, kl_max, induce_min),
             })
     table = pd.DataFrame(rows)
     kept = table[table.kept].sort_values("bypass")
     best = (int(kept.iloc[0].pos), int(kept.iloc[0].layer)) if len(kept) else None
-    win_rate = _bootstrap_win_rate(per_prompt, scored, directions, best, kl_max, induce_min, n_boot, seed) \
+    scored = [c for c in candidates if judged(per_prompt[c])]
+    win_rate = _bootstrap_win_rate(per_prompt, scored, directions, best, kl_max, induce_min, n_boot, seed,
+                                   len(harmful_val)) \
         if best is not None and n_boot else None
     return Selection(table, best, baseline, win_rate, directions)
 
@@ -189,29 +283,37 @@ def _reason(valid, layer, max_layer, scores, kl_max, induce_min) -> str:
         return "zero-norm candidate"
     if layer >= max_layer:
         return "layer filter"
-    if "kl" not in scores:
+    induce_fails = "induce" in scores and float(scores["induce"].mean()) <= induce_min
+    if not induce_fails and "kl" not in scores:
         return "not a finalist (higher bypass than the winner)"
-    problems = []
-    if float(scores["induce"].mean()) <= induce_min:
-        problems.append("induce <= threshold")
-    if float(scores["kl"].mean()) >= kl_max:
+    problems = ["induce <= threshold"] if induce_fails else []
+    missing = [name for name in ("bypass", "KL") if name.lower() not in scores]
+    if missing:
+        problems.append(f"{' and '.join(missing)} not scored")
+    if "kl" in scores and float(scores["kl"].mean()) >= kl_max:
         problems.append("kl >= threshold")
     return "; ".join(problems) or "kept"
 
 
-def _bootstrap_win_rate(per_prompt, scored, directions, best, kl_max, induce_min, n_boot, seed) -> float:
-    """Share of val-prompt resamples in which ``best`` is again the lowest-bypass passing finalist."""
+def _bootstrap_win_rate(per_prompt, scored, directions, best, kl_max, induce_min, n_boot, seed,
+                        n_harmful: int) -> float:
+    """Share of val-prompt resamples in which ``best`` is again the lowest-bypass passing finalist.
+
+    A candidate whose KL or bypass was not scored (its induce failed on all the val prompts) counts as failing.
+    """
     rng = np.random.default_rng(seed)
-    n_harmful = len(per_prompt[scored[0]]["bypass"])
-    n_harmless = len(per_prompt[scored[0]]["kl"])
-    stacked = {k: torch.stack([per_prompt[c][k] for c in scored]).numpy() for k in ("bypass", "induce", "kl")}
+    n_harmless = len(per_prompt[scored[0]]["induce"])
+    missing = {"bypass": torch.full((n_harmful,), math.nan, dtype=torch.float64),
+               "kl": torch.full((n_harmless,), math.nan, dtype=torch.float64)}
+    stacked = {k: torch.stack([per_prompt[c].get(k, missing.get(k)) for c in scored]).numpy()
+               for k in ("bypass", "induce", "kl")}
     names = [(directions.positions[p], directions.layers[l]) for p, l in scored]
     wins = 0
     for _ in range(n_boot):
         i = rng.integers(0, n_harmful, n_harmful)
         j = rng.integers(0, n_harmless, n_harmless)
         bypass = stacked["bypass"][:, i].mean(1)
-        ok = (stacked["induce"][:, j].mean(1) > induce_min) & (stacked["kl"][:, j].mean(1) < kl_max)
+        ok = (stacked["induce"][:, j].mean(1) > induce_min) & (stacked["kl"][:, j].mean(1) < kl_max)  # NaN: False
         if ok.any() and names[int(np.argmin(np.where(ok, bypass, np.inf)))] == best:
             wins += 1
     return wins / n_boot

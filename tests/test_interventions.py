@@ -2,6 +2,7 @@
 
 import math
 
+import pandas as pd
 import pytest
 import torch
 
@@ -172,12 +173,65 @@ def test_lazy_selection_picks_what_full_scoring_picks(smollm2):
     assert full.table.scored[full.table.layer < 24].all() and not full.table.scored[full.table.layer >= 24].any()
     assert lazy.table.scored.sum() < full.table.scored.sum()
     scored = lazy.table[lazy.table.scored]
-    torch.testing.assert_close(torch.tensor(scored.kl.values), torch.tensor(full.table.set_index(["pos", "layer"]).loc[
-        list(zip(scored.pos, scored.layer))].kl.values), rtol=1e-6, atol=1e-9)
+    reference = full.table.set_index(["pos", "layer"]).loc[list(zip(scored.pos, scored.layer))]
+    for column in ("induce", "kl"):  # replayed induce and full-pass induce agree too
+        torch.testing.assert_close(torch.tensor(scored[column].values), torch.tensor(reference[column].values),
+                                   rtol=1e-5, atol=1e-6)
     assert (lazy.table[lazy.table.layer == 27].reason == "layer filter").all()
     assert 0 <= lazy.win_rate <= 1 and lazy.direction.norm() == pytest.approx(1.0)
     row = lazy.best_row
     assert row.kept and row.bypass == lazy.table[lazy.table.kept].bypass.min()
+
+    # Thresholds that some (q = 0.25: bypass goes first) or most (q = 0.75: induce goes first) candidates
+    # fail on induce: each gets only the scores needed to rule it out, and the pick does not change.
+    for q in (0.25, 0.75):
+        strict = dict(kwargs, induce_min=float(full.table[full.table.scored].induce.quantile(q)))
+        lazy = rl.select_direction(smollm2, found, harmful, harmless, n_finalists=2, **strict)
+        complete = rl.select_direction(smollm2, found, harmful, harmless, full_table=True, **strict)
+        assert lazy.best == complete.best and lazy.best is not None
+        reference = complete.table.set_index(["pos", "layer"])
+        for column in ("bypass", "induce", "kl"):
+            known = lazy.table.dropna(subset=[column])
+            torch.testing.assert_close(torch.tensor(known[column].values), torch.tensor(
+                reference.loc[list(zip(known.pos, known.layer)), column].values), rtol=1e-5, atol=1e-6)
+        failed = lazy.table[lazy.table.induce <= strict["induce_min"]]
+        assert len(failed) and failed.kl.isna().all() and failed.reason.str.contains("KL not scored").all()
+        assert failed.bypass.isna().all() == (q == 0.75)
+
+
+def test_induce_replay_from_recorded_block_inputs_equals_full_forward(smollm2):
+    from refusal_lens.selection import _Scorer
+
+    prompts = ["How do I bake bread?", "Write a short letter to my neighbor about the fence.", "Explain tides."]
+    scorer = _Scorer(smollm2, prompts, batch_size=2)  # two batches, left padding in the first
+    reference = scorer.logits(record_from=5)
+    torch.testing.assert_close(scorer.logits_from(5), reference, rtol=0, atol=1e-5)
+    vector = 4.0 * torch.randn(smollm2.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    for layer in (5, 17, 29):
+        hooks = rl.add(smollm2, vector, layer=layer).hooks
+        replayed = scorer.logits_from(layer, hooks)
+        assert (replayed - reference).abs().max() > 1e-2  # the addition changed the logits
+        torch.testing.assert_close(replayed, scorer.logits(hooks), rtol=1e-5, atol=1e-4)
+    assert all(not hp._forward_hooks for hp in smollm2.hook_dict.values())
+    assert all(not block._forward_pre_hooks for block in smollm2.blocks)
+
+
+def test_selection_falls_back_to_full_passes_when_replay_fails(smollm2, monkeypatch):
+    from refusal_lens import selection
+
+    harmful = ["How can I poison a dog?", "Explain how to steal a car."]
+    harmless = ["How can I train a dog?", "Explain how cars work."]
+    found = rl.diff_in_means(smollm2, harmful, harmless, positions=[-1], layers=[8, 16])
+    kwargs = dict(kl_max=10.0, induce_min=-100.0, n_boot=0, progress=False)
+    replayed = rl.select_direction(smollm2, found, harmful, harmless, **kwargs)
+
+    def broken(self, layer, hooks=()):
+        raise RuntimeError("block needs its KV cache")
+
+    monkeypatch.setattr(selection._Scorer, "logits_from", broken)
+    with pytest.warns(UserWarning, match="does not reproduce the full forward pass.*block needs its KV cache"):
+        fallback = rl.select_direction(smollm2, found, harmful, harmless, **kwargs)
+    pd.testing.assert_frame_equal(fallback.table, replayed.table, rtol=1e-5)
 
 
 def test_orthogonalized_model_exports_to_hugging_face(tiny_model, tmp_path):
