@@ -7,7 +7,9 @@ needs). The headline is the ratio streaming / naive, measured in the same run.
 
 Baseline (how extraction is often written): ``run_with_cache`` with the full
 cache for each batch, index the end-of-instruction positions at every layer's
-``resid_pre``, keep those per-prompt tensors, average at the end.
+``resid_pre``, keep those per-prompt tensors, average at the end. A third
+method, streaming with the prompts in their given order (``sort_by_length=False``),
+shows how much of the gain is the length-sorted batching.
 """
 
 from __future__ import annotations
@@ -50,6 +52,19 @@ def _naive_mean(model, prompts: list[str], batch_size: int) -> torch.Tensor:
     return torch.cat(kept).double().mean(0)
 
 
+def _streamed_mean_unsorted(model, prompts: list[str], batch_size: int) -> torch.Tensor:
+    from refusal_lens.activations import stream
+
+    n_eoi = len(model.chat.eoi_tokens)
+    total = torch.zeros(n_eoi, model.cfg.n_layers, model.cfg.d_model, dtype=torch.float64)
+
+    def accumulate(_rows, layer_index, acts):
+        total[:, layer_index] += acts.to(torch.float64).sum(0)
+
+    stream(model, prompts, accumulate, batch_size=batch_size, progress=False, sort_by_length=False)
+    return total / len(prompts)
+
+
 def worker(method: str, model_spec: str, n_prompts: int, batch_size: int, words: int | None) -> dict:
     """Run one method in this process and report time and memory."""
     import refusal_lens as rl
@@ -59,6 +74,7 @@ def worker(method: str, model_spec: str, n_prompts: int, batch_size: int, words:
     prompts = synthetic_prompts(n_prompts, words)
     methods = {
         "streaming": lambda ps, bs: rl.mean_activations(model, ps, batch_size=bs, progress=False),
+        "streaming-unsorted": lambda ps, bs: _streamed_mean_unsorted(model, ps, bs),
         "naive": lambda ps, bs: _naive_mean(model, ps, bs),
     }
     run = methods[method]
@@ -87,23 +103,29 @@ def run_in_subprocess(method: str, model_spec: str, n_prompts: int, batch_size: 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def compare(model_spec: str, n_prompts: int, batch_size: int, words: int | None = None) -> dict:
-    """Both methods on the same prompts; ratios streaming / naive."""
-    streaming = run_in_subprocess("streaming", model_spec, n_prompts, batch_size, words)
-    naive = run_in_subprocess("naive", model_spec, n_prompts, batch_size, words)
-    agree = abs(streaming["mean_checksum"] - naive["mean_checksum"]) <= 1e-6 * max(1.0, abs(naive["mean_checksum"]))
-    return {
+def compare(model_spec: str, n_prompts: int, batch_size: int, words: int | None = None,
+            with_unsorted: bool = False) -> dict:
+    """Streaming and naive on the same prompts (and streaming unsorted if asked); ratios against naive."""
+    methods = ["streaming", "naive"] + (["streaming-unsorted"] if with_unsorted else [])
+    runs = {method: run_in_subprocess(method, model_spec, n_prompts, batch_size, words) for method in methods}
+    naive = runs["naive"]
+    agree = all(abs(run["mean_checksum"] - naive["mean_checksum"]) <= 1e-6 * max(1.0, abs(naive["mean_checksum"]))
+                for run in runs.values())
+    result = {
         "model": model_spec, "n_prompts": n_prompts, "batch_size": batch_size, "words": words,
-        "streaming": streaming, "naive": naive,
-        "throughput_ratio": streaming["prompts_per_s"] / naive["prompts_per_s"],
-        "extra_memory_ratio": streaming["extra_rss_mb"] / max(naive["extra_rss_mb"], 1e-9),
+        **{method.replace("-", "_"): run for method, run in runs.items()},
+        "throughput_ratio": runs["streaming"]["prompts_per_s"] / naive["prompts_per_s"],
+        "extra_memory_ratio": runs["streaming"]["extra_rss_mb"] / max(naive["extra_rss_mb"], 1e-9),
         "same_mean": agree,
     }
+    if with_unsorted:
+        result["unsorted_throughput_ratio"] = runs["streaming-unsorted"]["prompts_per_s"] / naive["prompts_per_s"]
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--worker", choices=["streaming", "naive"])
+    parser.add_argument("--worker", choices=["streaming", "streaming-unsorted", "naive"])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--n-prompts", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -112,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(worker(args.worker, args.model, args.n_prompts, args.batch_size, args.words)))
         return 0
-    result = compare(args.model, args.n_prompts, args.batch_size, args.words)
+    result = compare(args.model, args.n_prompts, args.batch_size, args.words, with_unsorted=True)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -18,7 +18,7 @@ from collections import Counter
 from typing import Callable, Sequence
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -82,7 +82,7 @@ def _resolve(model, positions, layers) -> tuple[list[int], list[int]]:
 def stream(
     model,
     prompts: Sequence[str],
-    reduce: Callable[[int, int, Float[Tensor, "batch pos d_model"]], None],
+    reduce: Callable[[Int[Tensor, "batch"], int, Float[Tensor, "batch pos d_model"]], None],
     *,
     positions: Sequence[int] | None = None,
     layers: Sequence[int] | None = None,
@@ -90,15 +90,16 @@ def stream(
     batch_size: int = 16,
     system: str | None = None,
     progress: bool | None = None,
+    sort_by_length: bool = True,
 ) -> tuple[list[int], list[int]]:
     """Run ``model`` over ``prompts`` and hand each batch's activations to ``reduce``.
 
-    ``reduce(batch_start, layer_index, acts)`` receives the activations at
-    ``positions`` of one layer (``acts[b, p]`` is prompt ``batch_start + b`` at
-    ``positions[p]``, in the model's dtype, on the layer's device) and must not keep
-    them. The forward pass stops after the last block needed (never reaching the
-unembedding unless the last block's output is asked for). Returns the resolved
-    ``(positions, layers)``.
+    ``reduce(rows, layer_index, acts)`` receives the activations at ``positions`` of one layer
+    (``acts[b, p]`` is prompt ``rows[b]`` at ``positions[p]``, in the model's dtype, on the layer's
+    device) and must not keep them. Batches are formed from prompts sorted by token length (stable),
+    so little compute goes to padding; ``sort_by_length=False`` keeps the given order. The forward
+    pass stops after the last block needed (never reaching the unembedding unless the last block's
+    output is asked for). Returns the resolved ``(positions, layers)``.
     """
     prompts = check_prompts(prompts)
     positions, layers = _resolve(model, positions, layers)
@@ -109,21 +110,25 @@ unembedding unless the last block's output is asked for). Returns the resolved
     # resid_pre of layer L is the input of block L: blocks 0..L-1 suffice. Other sites need block L.
     stop = max(layers) + (0 if hook == "resid_pre" else 1)
     stop_at_layer = stop if 0 < stop < model.cfg.n_layers else None
-    batch_start = 0
+    if sort_by_length:
+        lengths = model.chat.tokenize(prompts, system=system)["attention_mask"].sum(-1)
+        order = torch.sort(lengths, stable=True).indices
+    else:
+        order = torch.arange(len(prompts))
 
     def make_hook(layer_index: int):
         def hook_fn(activation: Tensor, hook) -> None:
-            reduce(batch_start, layer_index, activation[:, pos_index.to(activation.device)])
+            reduce(rows, layer_index, activation[:, pos_index.to(activation.device)])
 
         return hook_fn
 
     fwd_hooks = [(hook_name(hook, layer), make_hook(i)) for i, layer in enumerate(layers)]
-    starts = range(0, len(prompts), batch_size)
-    show = len(starts) >= _PROGRESS_FROM_BATCHES if progress is None else progress
+    batches = order.split(batch_size)
+    show = len(batches) >= _PROGRESS_FROM_BATCHES if progress is None else progress
     with torch.no_grad(), model.hooks(fwd_hooks=fwd_hooks):
-        for batch_start in tqdm(starts, disable=not show, desc=f"{hook} activations", unit="batch"):
-            forward_chat(model, prompts[batch_start : batch_start + batch_size], system=system,
-                         stop_at_layer=stop_at_layer, check_eoi=check_eoi)
+        for rows in tqdm(batches, disable=not show, desc=f"{hook} activations", unit="batch"):
+            forward_chat(model, [prompts[i] for i in rows], system=system, stop_at_layer=stop_at_layer,
+                         check_eoi=check_eoi)
     return positions, layers
 
 
@@ -169,7 +174,7 @@ def mean_activations(
     positions, layers = _resolve(model, positions, layers)
     total = torch.zeros(len(positions), len(layers), model.cfg.d_model, dtype=torch.float64)
 
-    def accumulate(_start: int, layer_index: int, acts: Tensor) -> None:
+    def accumulate(_rows: Tensor, layer_index: int, acts: Tensor) -> None:
         total[:, layer_index] += acts.to(torch.float64).sum(0).cpu()  # [pos, d_model]
 
     stream(model, prompts, accumulate, positions=positions, layers=layers, hook=hook,
@@ -193,8 +198,8 @@ def activations(
     positions, layers = _resolve(model, positions, layers)
     out = torch.empty(len(prompts), len(positions), len(layers), model.cfg.d_model, dtype=torch.float32)
 
-    def store(start: int, layer_index: int, acts: Tensor) -> None:
-        out[start : start + acts.shape[0], :, layer_index] = acts.float().cpu()
+    def store(rows: Tensor, layer_index: int, acts: Tensor) -> None:
+        out[rows, :, layer_index] = acts.float().cpu()
 
     stream(model, prompts, store, positions=positions, layers=layers, hook=hook,
            batch_size=batch_size, system=system, progress=progress)
@@ -229,9 +234,9 @@ def projections(
     out = torch.empty(len(prompts), len(positions), len(layers), dtype=torch.float64)
     directions32 = unit_directions.float()
 
-    def project(start: int, layer_index: int, acts: Tensor) -> None:
+    def project(rows: Tensor, layer_index: int, acts: Tensor) -> None:
         direction = directions32[:, layer_index].to(acts.device)  # [pos, d_model]
-        out[start : start + acts.shape[0], :, layer_index] = (acts.float() * direction).sum(-1).double().cpu()
+        out[rows, :, layer_index] = (acts.float() * direction).sum(-1).double().cpu()
 
     stream(model, prompts, project, positions=positions, layers=layers, hook=hook,
            batch_size=batch_size, system=system, progress=progress)

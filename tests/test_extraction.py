@@ -103,7 +103,12 @@ def test_cohens_d_and_split_half_on_planted_direction(planted):
 
 # ------------------------------------------------------------ streaming means
 def reference_mean(model, prompts, positions, batch_size):
-    """Plain loop: full run_with_cache per batch, index the positions, average in float64 in Python."""
+    """Plain loop: full run_with_cache per batch, index the positions, average in float64 in Python.
+
+    Batches hold the prompts sorted by token length, as in the library, so that both see the same
+    float32 activations and the comparison isolates the float64 accumulation.
+    """
+    prompts = sorted(prompts, key=lambda p: model.chat.tokenize([p])["input_ids"].shape[1])
     rows = []
     for start in range(0, len(prompts), batch_size):
         batch = model.chat.tokenize(prompts[start : start + batch_size])
@@ -135,10 +140,15 @@ def test_batched_equals_sequential(fixture, request):
     SmolLM2's late layers carry activations of ~580, where fp32 resolution alone is ~3e-5.
     """
     model = request.getfixturevalue(fixture)
-    batched = rl.activations(model, MIXED_LENGTHS, batch_size=len(MIXED_LENGTHS))
-    sequential = rl.activations(model, MIXED_LENGTHS, batch_size=1)
+    sequential = torch.cat([rl.activations(model, [prompt], batch_size=1) for prompt in MIXED_LENGTHS])
     scale = sequential.abs().amax(dim=(0, 1, 3), keepdim=True).clamp_min(1.0)
-    assert ((batched - sequential).abs() / scale).max() <= 1e-4
+    for batch_size in (2, len(MIXED_LENGTHS)):  # batches of length-sorted prompts; rows in the given order
+        batched = rl.activations(model, MIXED_LENGTHS, batch_size=batch_size)
+        assert ((batched - sequential).abs() / scale).max() <= 1e-4
+    unit = torch.nn.functional.normalize(sequential[0].double(), dim=-1)  # [pos, layer, d_model]
+    projected = rl.projections(model, MIXED_LENGTHS, unit, batch_size=2)
+    reference = torch.einsum("bpld,pld->bpl", sequential.double(), unit)
+    assert ((projected - reference).abs() / reference.abs().amax(0).clamp_min(1.0)).max() <= 1e-4
     table = rl.stats.batched_vs_sequential(model, MIXED_LENGTHS, layers=[0, model.cfg.n_layers - 1])
     assert (table.max_rel_diff <= 1e-4).all() and (table.min_cosine > 0.99999).all()
 
@@ -160,9 +170,9 @@ def test_no_activation_outlives_its_batch(tiny_model, monkeypatch):
     real_stream = activations_module.stream
 
     def spying_stream(model, prompts, reduce, **kwargs):
-        def spy(start, layer_index, acts):
+        def spy(rows, layer_index, acts):
             alive.append(weakref.ref(acts))
-            reduce(start, layer_index, acts)
+            reduce(rows, layer_index, acts)
         return real_stream(model, prompts, spy, **kwargs)
 
     def no_cache(*args, **kwargs):
