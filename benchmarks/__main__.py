@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--n-prompts", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3, help="timed extraction runs per method (best counts)")
     suites = ["extraction", "scaling", "selection", "generation", "hardware"]
     parser.add_argument("--suite", nargs="+", choices=suites, default=suites)
     parser.add_argument("--scaling-prompts", type=int, nargs="+", default=[64, 128, 256, 512, 1024])
@@ -78,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _extraction(args) -> list[dict]:
-    rows = [extraction.compare(args.model, n, args.batch_size, with_unsorted=True) for n in args.n_prompts]
+    rows = [extraction.compare(args.model, n, args.batch_size, with_unsorted=True, repeats=args.repeats)
+            for n in args.n_prompts]
     print(f"{'prompts':>8} {'stream p/s':>11} {'unsorted p/s':>13} {'naive p/s':>10} {'speed x':>8} "
           f"{'unsorted x':>11} {'stream MB':>10} {'naive MB':>9} {'mem ratio':>10} {'same mean':>10}")
     for r in rows:

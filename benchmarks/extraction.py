@@ -65,8 +65,8 @@ def _streamed_mean_unsorted(model, prompts: list[str], batch_size: int) -> torch
     return total / len(prompts)
 
 
-def worker(method: str, model_spec: str, n_prompts: int, batch_size: int, words: int | None) -> dict:
-    """Run one method in this process and report time and memory."""
+def worker(method: str, model_spec: str, n_prompts: int, batch_size: int, words: int | None, repeats: int = 1) -> dict:
+    """Run one method in this process and report time (the best of ``repeats`` runs) and memory."""
     import refusal_lens as rl
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
@@ -80,20 +80,24 @@ def worker(method: str, model_spec: str, n_prompts: int, batch_size: int, words:
     run = methods[method]
     run(prompts[:1], 1)  # warm-up with this method only, so the baseline RSS holds no other method's peak
     after_load = _peak_rss_mb()
-    started = time.perf_counter()
-    mean = run(prompts, batch_size)
-    seconds = time.perf_counter() - started
+    all_seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        mean = run(prompts, batch_size)
+        all_seconds.append(time.perf_counter() - started)
+    seconds = min(all_seconds)
     n_tokens = int(model.chat.tokenize(prompts)["attention_mask"].sum())
     return {
-        "method": method, "n_prompts": n_prompts, "batch_size": batch_size, "seconds": seconds,
+        "method": method, "n_prompts": n_prompts, "batch_size": batch_size, "seconds": seconds, "all_seconds": all_seconds,
         "prompts_per_s": n_prompts / seconds, "peak_rss_mb": _peak_rss_mb(),
         "extra_rss_mb": _peak_rss_mb() - after_load, "mean_checksum": float(mean.sum()), "n_tokens": n_tokens,
     }
 
 
-def run_in_subprocess(method: str, model_spec: str, n_prompts: int, batch_size: int, words: int | None = None) -> dict:
+def run_in_subprocess(method: str, model_spec: str, n_prompts: int, batch_size: int, words: int | None = None,
+                      repeats: int = 1) -> dict:
     command = [sys.executable, "-m", "benchmarks.extraction", "--worker", method, "--model", model_spec,
-               "--n-prompts", str(n_prompts), "--batch-size", str(batch_size)]
+               "--n-prompts", str(n_prompts), "--batch-size", str(batch_size), "--repeats", str(repeats)]
     if words is not None:
         command += ["--words", str(words)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
@@ -104,15 +108,19 @@ def run_in_subprocess(method: str, model_spec: str, n_prompts: int, batch_size: 
 
 
 def compare(model_spec: str, n_prompts: int, batch_size: int, words: int | None = None,
-            with_unsorted: bool = False) -> dict:
-    """Streaming and naive on the same prompts (and streaming unsorted if asked); ratios against naive."""
+            with_unsorted: bool = False, repeats: int = 1) -> dict:
+    """Streaming and naive on the same prompts (and streaming unsorted if asked); ratios against naive.
+
+    Each method's time is the best of ``repeats`` runs in its process (this machine's timings vary by
+    tens of percent from run to run; the best run is the least disturbed one).
+    """
     methods = ["streaming", "naive"] + (["streaming-unsorted"] if with_unsorted else [])
-    runs = {method: run_in_subprocess(method, model_spec, n_prompts, batch_size, words) for method in methods}
+    runs = {method: run_in_subprocess(method, model_spec, n_prompts, batch_size, words, repeats) for method in methods}
     naive = runs["naive"]
     agree = all(abs(run["mean_checksum"] - naive["mean_checksum"]) <= 1e-6 * max(1.0, abs(naive["mean_checksum"]))
                 for run in runs.values())
     result = {
-        "model": model_spec, "n_prompts": n_prompts, "batch_size": batch_size, "words": words,
+        "model": model_spec, "n_prompts": n_prompts, "batch_size": batch_size, "words": words, "repeats": repeats,
         **{method.replace("-", "_"): run for method, run in runs.items()},
         "throughput_ratio": runs["streaming"]["prompts_per_s"] / naive["prompts_per_s"],
         "extra_memory_ratio": runs["streaming"]["extra_rss_mb"] / max(naive["extra_rss_mb"], 1e-9),
@@ -130,11 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-prompts", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--words", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per method; the best counts")
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker, args.model, args.n_prompts, args.batch_size, args.words)))
+        print(json.dumps(worker(args.worker, args.model, args.n_prompts, args.batch_size, args.words, args.repeats)))
         return 0
-    result = compare(args.model, args.n_prompts, args.batch_size, args.words, with_unsorted=True)
+    result = compare(args.model, args.n_prompts, args.batch_size, args.words, with_unsorted=True, repeats=args.repeats)
     print(json.dumps(result, indent=2))
     return 0
 
