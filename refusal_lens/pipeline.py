@@ -38,6 +38,7 @@ class RunConfig:
     n_test: int | None = None  # test prompts per side for behaviour (None: the whole test split)
     max_new_tokens: int = 48
     n_boot: int = 1000
+    full_selection_table: bool = True  # score every candidate for the selection figure; False: only what the pick needs
     seed: int = 0
     batch_size: int = 32
     alphas: tuple[float, ...] = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5)  # ablation strengths to sweep
@@ -115,7 +116,8 @@ def run(model, out: str | Path, config: RunConfig = RunConfig(), log=print, figu
     step("statistics")
 
     selection = select_direction(model, directions, val.harmful_texts[: config.n_val], val.harmless_texts[: config.n_val],
-                                 n_boot=config.n_boot, seed=config.seed, batch_size=config.batch_size)
+                                 n_boot=config.n_boot, seed=config.seed, batch_size=config.batch_size,
+                                 full_table=config.full_selection_table)
     selection.table.to_csv(out / "selection.csv", index=False)
     figures["selection"] = plots.selection_scores(selection.table)
     step("selection")
