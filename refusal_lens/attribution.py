@@ -32,6 +32,7 @@ from torch import Tensor
 from .activations import check_prompts, eoi_positions, forward_chat, hook_name
 from .directions import InvalidDirectionError
 from .interventions import Intervention
+from .stats import bootstrap_mean_ci
 
 # Completeness tolerance: |sum of terms - total| <= COMPLETENESS_RTOL * mean |total|.
 COMPLETENESS_RTOL = 1e-3
@@ -71,7 +72,9 @@ class Decomposition:
         return self.embed + self.heads.sum((1, 2)) + self.attn_bias.sum(1) + self.mlp.sum(1)
 
 
-def _unit(direction: Tensor, d_model: int) -> Tensor:
+def _unit(direction: Tensor, d_model: int) -> Float[Tensor, "d_model"]:
+    """``direction / |direction|`` in float64, sign kept (attribution is signed; a QR basis such as
+    ``interventions.orthonormal_basis`` may flip it)."""
     v = torch.as_tensor(direction).detach().to(torch.float64).cpu()
     if v.shape != (d_model,):
         raise InvalidDirectionError(f"direction of shape {tuple(v.shape)} does not fit the model: expected [{d_model}]")
@@ -186,16 +189,7 @@ def head_attribution(
     pos_terms = decompose(model, prompts, direction, layer=layer, position=position, batch_size=batch_size).heads
     neg_terms = (decompose(model, baseline, direction, layer=layer, position=position, batch_size=batch_size).heads
                  if baseline is not None else None)
-    generator = torch.Generator().manual_seed(seed)
-    boots = []
-    for _ in range(n_boot):
-        sample = pos_terms[torch.randint(len(pos_terms), (len(pos_terms),), generator=generator)].mean(0)
-        if neg_terms is not None:
-            sample = sample - neg_terms[torch.randint(len(neg_terms), (len(neg_terms),), generator=generator)].mean(0)
-        boots.append(sample)
-    boots = torch.stack(boots)  # [n_boot, layer, head]
-    tail = (1 - ci) / 2
-    low, high = boots.quantile(tail, dim=0), boots.quantile(1 - tail, dim=0)
+    low, high = bootstrap_mean_ci(pos_terms, neg_terms, n_boot=n_boot, ci=ci, seed=seed)  # [layer, head] each
     grid_l, grid_h = torch.meshgrid(torch.arange(layer), torch.arange(model.cfg.n_heads), indexing="ij")
     table = {"layer": grid_l.flatten().numpy(), "head": grid_h.flatten().numpy(),
              "harmful": pos_terms.mean(0).flatten().numpy()}

@@ -53,6 +53,30 @@ def bootstrap_cohens_d(
     return boots.quantile(tail, dim=0), boots.quantile(1 - tail, dim=0)
 
 
+def bootstrap_mean_ci(
+    a: Float[Tensor, "n_a ..."],
+    b: Float[Tensor, "n_b ..."] | None = None,
+    *,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> tuple[Float[Tensor, "..."], Float[Tensor, "..."]]:
+    """Percentile-bootstrap interval ``(low, high)`` of ``a.mean(0)``, or of ``a.mean(0) - b.mean(0)``.
+
+    Rows (prompts) of ``a`` and ``b`` are resampled independently, ``n_boot`` times.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    boots = []
+    for _ in range(n_boot):
+        sample = a[torch.randint(len(a), (len(a),), generator=generator)].mean(0)
+        if b is not None:
+            sample = sample - b[torch.randint(len(b), (len(b),), generator=generator)].mean(0)
+        boots.append(sample)
+    boots = torch.stack(boots)
+    tail = (1 - ci) / 2
+    return boots.quantile(tail, dim=0), boots.quantile(1 - tail, dim=0)
+
+
 def cohens_d(
     model,
     directions: Directions,

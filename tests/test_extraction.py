@@ -1,5 +1,6 @@
 """Extraction and geometry: streamed means, directions, statistics, each against a reference."""
 
+import math
 import gc
 import importlib
 import weakref
@@ -302,3 +303,20 @@ def test_bootstrap_interval_is_reproducible_and_covers_the_estimate():
     assert torch.equal(low, again[0]) and torch.equal(high, again[1])
     d = cohens_d_tensor(a, b)
     assert (low < d).all() and (d < high).all() and (high - low < 1.5).all()
+
+
+def test_bootstrap_mean_interval_matches_the_normal_theory_width():
+    """For n draws of N(mu, 1) the 95% interval of a mean difference is about 2 * 1.96 * sqrt(2 / n) wide."""
+    from refusal_lens.stats import bootstrap_mean_ci
+
+    generator = torch.Generator().manual_seed(1)
+    n = 400
+    a, b = torch.randn(n, 3, generator=generator, dtype=torch.float64) + 0.5, torch.randn(n, 3, generator=generator,
+                                                                                           dtype=torch.float64)
+    low, high = bootstrap_mean_ci(a, b, n_boot=2000, seed=0)
+    difference = a.mean(0) - b.mean(0)
+    assert (low < difference).all() and (difference < high).all()
+    expected = 2 * 1.96 * math.sqrt(2 / n)
+    assert ((high - low) / expected - 1).abs().max() < 0.15
+    one_low, one_high = bootstrap_mean_ci(a, n_boot=2000, seed=0)  # one sample: interval of its mean
+    assert ((one_high - one_low) / (2 * 1.96 / math.sqrt(n)) - 1).abs().max() < 0.15
