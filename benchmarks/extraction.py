@@ -52,19 +52,6 @@ def _naive_mean(model, prompts: list[str], batch_size: int) -> torch.Tensor:
     return torch.cat(kept).double().mean(0)
 
 
-def _streamed_mean_unsorted(model, prompts: list[str], batch_size: int) -> torch.Tensor:
-    from refusal_lens.activations import stream
-
-    n_eoi = len(model.chat.eoi_tokens)
-    total = torch.zeros(n_eoi, model.cfg.n_layers, model.cfg.d_model, dtype=torch.float64)
-
-    def accumulate(_rows, layer_index, acts):
-        total[:, layer_index] += acts.to(torch.float64).sum(0)
-
-    stream(model, prompts, accumulate, batch_size=batch_size, progress=False, sort_by_length=False)
-    return total / len(prompts)
-
-
 def worker(method: str, model_spec: str, n_prompts: int, batch_size: int, words: int | None, repeats: int = 1) -> dict:
     """Run one method in this process and report time (the best of ``repeats`` runs) and memory."""
     import refusal_lens as rl
@@ -74,7 +61,8 @@ def worker(method: str, model_spec: str, n_prompts: int, batch_size: int, words:
     prompts = synthetic_prompts(n_prompts, words)
     methods = {
         "streaming": lambda ps, bs: rl.mean_activations(model, ps, batch_size=bs, progress=False),
-        "streaming-unsorted": lambda ps, bs: _streamed_mean_unsorted(model, ps, bs),
+        "streaming-unsorted": lambda ps, bs: rl.mean_activations(model, ps, batch_size=bs, progress=False,
+                                                                 sort_by_length=False),
         "naive": lambda ps, bs: _naive_mean(model, ps, bs),
     }
     run = methods[method]

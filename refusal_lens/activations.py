@@ -164,11 +164,13 @@ def mean_activations(
     batch_size: int = 16,
     system: str | None = None,
     progress: bool | None = None,
+    sort_by_length: bool = True,
 ) -> Float[Tensor, "pos layer d_model"]:
     """Mean activation over prompts at each position and layer, accumulated in float64 (CPU).
 
     Memory is one ``[pos, layer, d_model]`` float64 sum, whatever the number of prompts.
     ``layer`` indexes ``layers`` (default: all layers, so it is the layer number).
+    ``sort_by_length=False`` batches the prompts in their given order (see :func:`stream`).
     """
     prompts = check_prompts(prompts)
     positions, layers = _resolve(model, positions, layers)
@@ -178,7 +180,7 @@ def mean_activations(
         total[:, layer_index] += acts.to(torch.float64).sum(0).cpu()  # [pos, d_model]
 
     stream(model, prompts, accumulate, positions=positions, layers=layers, hook=hook,
-           batch_size=batch_size, system=system, progress=progress)
+           batch_size=batch_size, system=system, progress=progress, sort_by_length=sort_by_length)
     return total / len(prompts)
 
 
