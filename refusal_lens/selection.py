@@ -235,9 +235,8 @@ def select_direction(
     def judged(scores: dict[str, Tensor]) -> bool:
         return "induce" in scores and ("kl" in scores or float(scores["induce"].mean()) <= induce_min)
 
-    def passes(scores: dict[str, Tensor]) -> bool:
-        return judged(scores) and "kl" in scores and float(scores["induce"].mean()) > induce_min \
-            and float(scores["kl"].mean()) < kl_max
+    def passes(scores: dict[str, Tensor]) -> bool:  # KL is only ever scored after induce
+        return "kl" in scores and float(scores["induce"].mean()) > induce_min and float(scores["kl"].mean()) < kl_max
 
     # Evaluation order. The winner needs all three scores; any other candidate only needs the cheapest
     # proof that it cannot win: a failed induce (a replay from its layer, ~1 - layer/L of a pass), or a
