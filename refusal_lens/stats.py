@@ -10,7 +10,7 @@ resampling each group with replacement.
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from typing import Callable, Sequence
 
 import pandas as pd
 import torch
@@ -31,6 +31,36 @@ def cohens_d_tensor(a: Float[Tensor, "n_a ..."], b: Float[Tensor, "n_b ..."]) ->
     return (a.mean(0) - b.mean(0)) / pooled.sqrt()
 
 
+def _percentile_bootstrap(
+    statistic: Callable[..., Tensor],
+    a: Float[Tensor, "n_a ..."],
+    b: Float[Tensor, "n_b ..."] | None,
+    *,
+    n_boot: int,
+    ci: float,
+    seed: int,
+    chunk: int = 100,
+) -> tuple[Float[Tensor, "..."], Float[Tensor, "..."]]:
+    """Percentile-bootstrap interval ``(low, high)`` of ``statistic(a)`` or ``statistic(a, b)``.
+
+    Rows (prompts) of ``a`` and ``b`` are resampled independently with replacement, ``n_boot`` times;
+    indices are drawn ``chunk`` resamples at a time (``a``'s, then ``b``'s), so a seed fixes the interval.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    samples = []
+    for start in range(0, n_boot, chunk):
+        size = min(chunk, n_boot - start)
+        idx_a = torch.randint(len(a), (size, len(a)), generator=generator)
+        if b is None:
+            samples += [statistic(a[i]) for i in idx_a]
+        else:
+            idx_b = torch.randint(len(b), (size, len(b)), generator=generator)
+            samples += [statistic(a[i], b[j]) for i, j in zip(idx_a, idx_b)]
+    boots = torch.stack(samples)
+    tail = (1 - ci) / 2
+    return boots.quantile(tail, dim=0), boots.quantile(1 - tail, dim=0)
+
+
 def bootstrap_cohens_d(
     a: Float[Tensor, "n_a ..."],
     b: Float[Tensor, "n_b ..."],
@@ -38,19 +68,9 @@ def bootstrap_cohens_d(
     n_boot: int = 1000,
     ci: float = 0.95,
     seed: int = 0,
-    chunk: int = 100,
 ) -> tuple[Float[Tensor, "..."], Float[Tensor, "..."]]:
     """Percentile-bootstrap confidence interval ``(low, high)`` of :func:`cohens_d_tensor`."""
-    generator = torch.Generator().manual_seed(seed)
-    samples = []
-    for start in range(0, n_boot, chunk):
-        size = min(chunk, n_boot - start)
-        idx_a = torch.randint(a.shape[0], (size, a.shape[0]), generator=generator)
-        idx_b = torch.randint(b.shape[0], (size, b.shape[0]), generator=generator)
-        samples.append(torch.stack([cohens_d_tensor(a[i], b[j]) for i, j in zip(idx_a, idx_b)]))
-    boots = torch.cat(samples)
-    tail = (1 - ci) / 2
-    return boots.quantile(tail, dim=0), boots.quantile(1 - tail, dim=0)
+    return _percentile_bootstrap(cohens_d_tensor, a, b, n_boot=n_boot, ci=ci, seed=seed)
 
 
 def bootstrap_mean_ci(
@@ -61,20 +81,10 @@ def bootstrap_mean_ci(
     ci: float = 0.95,
     seed: int = 0,
 ) -> tuple[Float[Tensor, "..."], Float[Tensor, "..."]]:
-    """Percentile-bootstrap interval ``(low, high)`` of ``a.mean(0)``, or of ``a.mean(0) - b.mean(0)``.
-
-    Rows (prompts) of ``a`` and ``b`` are resampled independently, ``n_boot`` times.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    boots = []
-    for _ in range(n_boot):
-        sample = a[torch.randint(len(a), (len(a),), generator=generator)].mean(0)
-        if b is not None:
-            sample = sample - b[torch.randint(len(b), (len(b),), generator=generator)].mean(0)
-        boots.append(sample)
-    boots = torch.stack(boots)
-    tail = (1 - ci) / 2
-    return boots.quantile(tail, dim=0), boots.quantile(1 - tail, dim=0)
+    """Percentile-bootstrap interval ``(low, high)`` of ``a.mean(0)``, or of ``a.mean(0) - b.mean(0)``."""
+    if b is None:
+        return _percentile_bootstrap(lambda x: x.mean(0), a, None, n_boot=n_boot, ci=ci, seed=seed)
+    return _percentile_bootstrap(lambda x, y: x.mean(0) - y.mean(0), a, b, n_boot=n_boot, ci=ci, seed=seed)
 
 
 def cohens_d(

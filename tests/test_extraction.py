@@ -1,8 +1,8 @@
 """Extraction and geometry: streamed means, directions, statistics, each against a reference."""
 
-import math
 import gc
 import importlib
+import math
 import weakref
 
 import numpy as np
@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import refusal_lens as rl
-from refusal_lens.stats import bootstrap_cohens_d, cohens_d_tensor
+from refusal_lens.stats import bootstrap_cohens_d, bootstrap_mean_ci, cohens_d_tensor
 
 from .conftest import PROMPTS
 
@@ -307,8 +307,6 @@ def test_bootstrap_interval_is_reproducible_and_covers_the_estimate():
 
 def test_bootstrap_mean_interval_matches_the_normal_theory_width():
     """For n draws of N(mu, 1) the 95% interval of a mean difference is about 2 * 1.96 * sqrt(2 / n) wide."""
-    from refusal_lens.stats import bootstrap_mean_ci
-
     generator = torch.Generator().manual_seed(1)
     n = 400
     a, b = torch.randn(n, 3, generator=generator, dtype=torch.float64) + 0.5, torch.randn(n, 3, generator=generator,
