@@ -16,7 +16,7 @@ from .generation import generate
 from .interventions import Intervention, ablate, add, orthogonalize_weights
 from .metrics import ce_loss, is_refusal, kl_last_token, refusal_score
 from .models import OFFLINE_MODELS, ORGANISMS, ModelInfo, ModelLoadError, cache_dir, load_model
-from .selection import Selection, select_direction
+from .selection import Selection, random_direction_kl, select_direction
 
 try:
     __version__ = _version("refusal-lens")
@@ -40,5 +40,5 @@ __all__ = [
     "ablate", "activations", "add", "cache_dir", "ce_loss", "chat_format", "detect_family", "diff_in_means",
     "eoi_positions", "generate", "head_attribution", "hook_name", "is_refusal", "kl_last_token", "load_contrast", "load_direction",
     "load_model", "mean_activations", "orthogonalize_weights", "projections", "refusal_score",
-    "judge", "select_direction", "stats",
+    "judge", "random_direction_kl", "select_direction", "stats",
 ]

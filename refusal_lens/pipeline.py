@@ -27,7 +27,7 @@ from .generation import generate
 from .interventions import ablate, add, orthogonalize_weights
 from .manifest import write_manifest
 from .metrics import ce_loss, is_refusal, kl_last_token, refusal_rate, refusal_score, safe_excerpt
-from .selection import select_direction
+from .selection import random_direction_kl, select_direction
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ class RunConfig:
     alphas: tuple[float, ...] = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5)  # ablation strengths to sweep
     n_alpha: int = 32  # harmful test prompts per alpha (refusal score only)
     n_padding_check: int = 8  # prompts for the batched-vs-sequential check
+    n_null_directions: int = 16  # random directions whose ablation KL is the null for the KL filter
     judge: str | None = None  # "openai", "openai:<model>" or "local:<model spec>" (rl.judge.get_judge); None: skipped
     capability_tasks: tuple[str, ...] = ("refusal_lens_mc",)  # lm-eval tasks; standard ones need hub access
     capability_limit: int | None = None  # documents per task (None: all)
@@ -120,6 +121,8 @@ def run(model, out: str | Path, config: RunConfig = RunConfig(), log=print, figu
                                  full_table=config.full_selection_table)
     selection.table.to_csv(out / "selection.csv", index=False)
     figures["selection"] = plots.selection_scores(selection.table)
+    null_kl = random_direction_kl(model, val.harmless_texts[: config.n_val], n_directions=config.n_null_directions,
+                                  seed=config.seed, batch_size=config.batch_size)
     step("selection")
     peak = separability[separability.valid].sort_values("d", ascending=False).iloc[0]
     report = {
@@ -130,6 +133,10 @@ def run(model, out: str | Path, config: RunConfig = RunConfig(), log=print, figu
         "cohens_d_peak": {"pos": int(peak.pos), "layer": int(peak.layer), "d": round(float(peak.d), 3),
                           "ci": [round(float(peak.ci_low), 3), round(float(peak.ci_high), 3)]},
         "selected": None,
+        # The KL filter's null: ablating random unit directions on the same val harmless prompts.
+        "kl_random_directions": {"n": len(null_kl), "median": round(float(null_kl.median()), 5),
+                                 "min": round(float(null_kl.min()), 5), "max": round(float(null_kl.max()), 5),
+                                 "share_below_0.1": round(float((null_kl < 0.1).double().mean()), 4)},
         "seconds": timings,
     }
     # Without a passing candidate the run falls back, flagged in the report, to the lowest-bypass
@@ -258,12 +265,14 @@ def _capability_step(conditions: dict, config: RunConfig, out: Path) -> dict:
 def summary_lines(report: dict) -> list[str]:
     """A short human-readable table of a report."""
     if report["selected"] is None:
-        return [f"model                     {report['model']['spec']}", f"selection                 {report['selection_failed']}"]
+        return [f"model                     {report['model']['spec']}", f"selection                 {report['selection_failed']}",
+                _null_line(report["kl_random_directions"])]
     rates, sel = report["refusal_rate"], report["selected"]
     return [
         f"model                     {report['model']['spec']}",
         f"selected direction        pos {sel['pos']}, layer {sel['layer']} ({sel['how']}; bootstrap win rate {sel['bootstrap_win_rate']})",
         f"  bypass / induce / KL    {sel['bypass']:.2f} / {sel['induce']:.2f} / {sel['kl']:.4f} (val)",
+        _null_line(report["kl_random_directions"]),
         f"Cohen's d peak (test)     {report['cohens_d_peak']['d']} at pos {report['cohens_d_peak']['pos']}, layer {report['cohens_d_peak']['layer']}",
         f"harmful refusal           {rates['harmful_baseline']:.1%} -> {rates['harmful_ablated']:.1%} with ablation",
         f"harmless refusal          {rates['harmless_baseline']:.1%} -> {rates['harmless_added']:.1%} with addition",
@@ -273,6 +282,11 @@ def summary_lines(report: dict) -> list[str]:
         *_capability_lines(report["capability"]),
         *_judge_lines(report["judge"]),
     ]
+
+
+def _null_line(null: dict) -> str:
+    return (f"  KL, random directions   median {null['median']:.4f} (range {null['min']:.4f}-{null['max']:.4f}, "
+            f"{null['share_below_0.1']:.0%} below 0.1; {null['n']} directions, val)")
 
 
 def _capability_lines(capability: dict) -> list[str]:

@@ -282,6 +282,33 @@ def select_direction(
     return Selection(table, best, baseline, win_rate, directions)
 
 
+def random_direction_kl(
+    model,
+    instructions: Sequence[str],
+    *,
+    n_directions: int = 16,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> Float[Tensor, "n_directions"]:
+    """Mean last-token KL(unmodified || ablated) over ``instructions`` for random unit directions, float64 nats.
+
+    The null distribution to read the selection's KL filter against: ablating *any* direction at
+    every layer and position moves the next-token distribution, and the more so the narrower the
+    residual stream (the paper's 0.1-nat threshold was set on models 2048-8192 wide). Direction ``k``
+    is row ``k`` of ``torch.randn(n_directions, d_model, dtype=float64)`` from a generator seeded
+    with ``seed``, normalized; ablation as :func:`~refusal_lens.interventions.ablate` (the selection's KL).
+    """
+    instructions = check_prompts(instructions)
+    if n_directions < 1:
+        raise ValueError(f"n_directions must be >= 1, got {n_directions}")
+    scorer = _Scorer(model, instructions, batch_size)
+    reference = scorer.logits()
+    generator = torch.Generator().manual_seed(seed)
+    directions = torch.randn(n_directions, model.cfg.d_model, generator=generator, dtype=torch.float64)
+    directions = directions / directions.norm(dim=-1, keepdim=True)
+    return torch.stack([kl_divergence(reference, scorer.logits(ablate(model, v).hooks)).mean() for v in directions])
+
+
 def _reason(valid, layer, max_layer, scores, kl_max, induce_min) -> str:
     if not valid:
         return "zero-norm candidate"

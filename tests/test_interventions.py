@@ -139,6 +139,18 @@ def test_kl_matches_a_plain_loop_and_is_zero_for_no_change(tiny_model):
     assert rl.kl_last_token(tiny_model, PROMPTS, hooks=rl.ablate(tiny_model, unit(64)).hooks).min() > 0
 
 
+def test_random_direction_kl_matches_a_plain_loop(tiny_model):
+    null = rl.random_direction_kl(tiny_model, PROMPTS, n_directions=3, seed=5)
+    directions = torch.randn(3, tiny_model.cfg.d_model, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    for k, v in enumerate(directions):
+        expected = rl.kl_last_token(tiny_model, PROMPTS, hooks=rl.ablate(tiny_model, v).hooks).mean()
+        assert float(null[k]) == pytest.approx(float(expected), rel=1e-6)
+    assert null.dtype == torch.float64 and (null > 0).all()
+    assert not torch.equal(null, rl.random_direction_kl(tiny_model, PROMPTS, n_directions=3, seed=6))
+    with pytest.raises(ValueError, match="n_directions"):
+        rl.random_direction_kl(tiny_model, PROMPTS, n_directions=0)
+
+
 def test_refusal_score_uses_last_position_of_padded_prompts(smollm2):
     scores = rl.refusal_score(smollm2, PROMPTS)
     for prompt, score in zip(PROMPTS, scores):
