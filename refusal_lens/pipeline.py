@@ -136,7 +136,8 @@ def run(model, out: str | Path, config: RunConfig = RunConfig(), log=print, figu
         # The KL filter's null: ablating random unit directions on the same val harmless prompts.
         "kl_random_directions": {"n": len(null_kl), "median": round(float(null_kl.median()), 5),
                                  "min": round(float(null_kl.min()), 5), "max": round(float(null_kl.max()), 5),
-                                 "share_below_0.1": round(float((null_kl < 0.1).double().mean()), 4)},
+                                 "share_below_0.1": round(float((null_kl < 0.1).double().mean()), 4),
+                                 "values": [round(float(x), 5) for x in null_kl]},
         "seconds": timings,
     }
     # Without a passing candidate the run falls back, flagged in the report, to the lowest-bypass
