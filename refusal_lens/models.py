@@ -181,6 +181,7 @@ class ModelInfo:
     device: str
     offline: bool
     adapter_sha256: str | None = None
+    adapter_scale: float | None = None
     base_twin: bool = False
 
 
@@ -234,17 +235,23 @@ def load_hf(
     trust_remote_code: bool = False,
     base: bool = False,
     adapter: str | Path | None = None,
+    adapter_scale: float = 1.0,
 ):
     """Load the Hugging Face model and tokenizer behind ``spec``; returns ``(hf_model, tokenizer, source, entry)``.
 
     An organism spec loads its base model and merges its adapter (the shipped one, or
-    the folder ``adapter``), unless ``base=True`` (the untuned twin). The tokenizer is
+    the folder ``adapter``) scaled by ``adapter_scale``, unless ``base=True`` (the untuned twin). The tokenizer is
     set to left padding and given a pad token (its EOS) if it has none.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if (base or adapter is not None) and spec not in ORGANISMS:
-        raise ValueError(f"base=True and adapter= apply to fine-tuned organisms ({', '.join(ORGANISMS)}), not {spec!r}")
+    if (base or adapter is not None or adapter_scale != 1.0) and spec not in ORGANISMS:
+        raise ValueError(
+            f"base=True, adapter= and adapter_scale= apply to fine-tuned organisms ({', '.join(ORGANISMS)}), not {spec!r}"
+        )
+    if base and adapter_scale != 1.0:
+        raise ValueError("base=True loads the untuned twin, which has no adapter to scale: drop adapter_scale "
+                         "(or pass adapter_scale=0 without base=True)")
     if device is not None and device_map is not None:
         raise ValueError("pass either device or device_map, not both")
     if device_map is None:
@@ -268,7 +275,7 @@ def load_hf(
     if spec in ORGANISMS and not base:
         from .organism import merge_adapter
 
-        hf_model = merge_adapter(hf_model, adapter)
+        hf_model = merge_adapter(hf_model, adapter, scale=adapter_scale)
     if device_map is None:
         hf_model.to(device)
     hf_model.eval().requires_grad_(False)
@@ -288,6 +295,7 @@ def load_model(
     trust_remote_code: bool = False,
     base: bool = False,
     adapter: str | Path | None = None,
+    adapter_scale: float = 1.0,
 ):
     """Load a model as a TransformerLens ``TransformerBridge`` with its chat format attached.
 
@@ -302,6 +310,8 @@ def load_model(
         trust_remote_code: needed by some hub models (e.g. ``Qwen/Qwen-1_8B-chat``).
         base: for an organism, load its untuned base twin instead (for base-vs-chat comparisons).
         adapter: for an organism, merge the adapter in this folder instead of the shipped one.
+        adapter_scale: for an organism, merge ``base + adapter_scale * update`` (1: as trained;
+            values in [0, 1] interpolate towards the untuned twin).
 
     Returns:
         The bridge, with ``.chat`` (bound :class:`ChatFormat`) and ``.info`` (:class:`ModelInfo`).
@@ -310,7 +320,7 @@ def load_model(
 
     hf_model, tokenizer, source, entry = load_hf(
         spec, device=device, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code, base=base,
-        adapter=adapter,
+        adapter=adapter, adapter_scale=adapter_scale,
     )
     if chat is None:
         chat = entry.family if entry else detect_family(spec, getattr(hf_model.config, "model_type", None))
@@ -328,6 +338,7 @@ def load_model(
         device=str(next(hf_model.parameters()).device),
         offline=entry is not None,
         adapter_sha256=_adapter_sha256(adapter) if spec in ORGANISMS and not base else None,
+        adapter_scale=float(adapter_scale) if spec in ORGANISMS and not base else None,
         base_twin=base,
     )
     return model

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import random
 import shutil
 import time
@@ -94,12 +95,19 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def merge_adapter(hf_model, folder: Path | None = None):
+def merge_adapter(hf_model, folder: Path | None = None, scale: float = 1.0):
     """Merge the LoRA adapter in ``folder`` (default: the shipped one) into ``hf_model``; returns the merged model.
 
-    Checks the adapter file against the SHA-256 in the folder's manifest first.
+    ``scale`` multiplies the adapter's weight update before merging: ``W = W_base + scale * dW``
+    (1 is the trained adapter, 0 the untuned twin; between them it interpolates the weights,
+    WiSE-FT style, for dose-response studies). Checks the adapter file against the SHA-256
+    in the folder's manifest first.
     """
     from peft import PeftModel
+    from peft.helpers import rescale_adapter_scale
+
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale >= 0):
+        raise ValueError(f"adapter scale must be a finite number >= 0 (1 = the trained adapter), got {scale!r}")
 
     folder = Path(folder) if folder else adapter_dir()
     manifest_path = folder / "manifest.json"
@@ -113,7 +121,9 @@ def merge_adapter(hf_model, folder: Path | None = None):
     with warnings.catch_warnings():
         # peft 0.21 reads a transformers attribute deprecated in 5.x; nothing for our users to act on.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return PeftModel.from_pretrained(hf_model, str(folder)).merge_and_unload()
+        peft_model = PeftModel.from_pretrained(hf_model, str(folder))
+        with rescale_adapter_scale(peft_model, float(scale)):
+            return peft_model.merge_and_unload()
 
 
 # ------------------------------------------------------------------ training

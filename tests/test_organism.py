@@ -45,6 +45,26 @@ def test_base_twin_is_the_untuned_model(refusal_model, smollm2):
         rl.load_model("smollm2-135m-instruct", base=True)
 
 
+def test_adapter_scale_interpolates_between_twin_and_organism(refusal_model, smollm2):
+    """``adapter_scale=s`` merges W_base + s * (W_organism - W_base), checked parameter by parameter."""
+    load = lambda **kwargs: dict(rl.models.load_hf(organism.ORGANISM, device="cpu", **kwargs)[0].named_parameters())  # noqa: E731
+    half, base, full = load(adapter_scale=0.5), load(base=True), load()
+    changed = 0
+    for name, weight in half.items():
+        expected = base[name] + 0.5 * (full[name] - base[name])
+        torch.testing.assert_close(weight, expected, rtol=1e-5, atol=1e-6, msg=name)
+        changed += not torch.equal(base[name], full[name])
+    assert changed == 30 * 7  # every attention and MLP projection of the 30 blocks
+    assert refusal_model.info.adapter_scale == 1.0
+    for bad in (-0.5, float("nan")):
+        with pytest.raises(ValueError, match="adapter scale must be a finite number"):
+            organism.merge_adapter(smollm2.original_model, scale=bad)
+    with pytest.raises(ValueError, match="no adapter to scale"):
+        rl.models.load_hf(organism.ORGANISM, base=True, adapter_scale=0.5)
+    with pytest.raises(ValueError, match="apply to fine-tuned organisms"):
+        rl.models.load_hf("smollm2-135m-instruct", adapter_scale=0.5)
+
+
 def refusal_rate(model, instructions):
     return sum(map(is_refusal, rl.generate(model, instructions, max_new_tokens=48, batch_size=32))) / len(instructions)
 
