@@ -29,6 +29,8 @@ def machine_name() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--extraction-models", nargs="+", default=["smollm2-135m-instruct", "gemma-3-270m"],
+                        help="models for the extraction benchmark (default: a 49k and a 262k vocabulary)")
     parser.add_argument("--n-prompts", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3, help="timed extraction runs per method (best counts)")
@@ -79,12 +81,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _extraction(args) -> list[dict]:
-    rows = [extraction.compare(args.model, n, args.batch_size, with_unsorted=True, repeats=args.repeats)
-            for n in args.n_prompts]
-    print(f"{'prompts':>8} {'stream p/s':>11} {'unsorted p/s':>13} {'naive p/s':>10} {'speed x':>8} "
+    rows = [extraction.compare(model, n, args.batch_size, with_unsorted=True, repeats=args.repeats)
+            for model in args.extraction_models for n in args.n_prompts]
+    print(f"{'model':<24} {'prompts':>8} {'stream p/s':>11} {'unsorted p/s':>13} {'naive p/s':>10} {'speed x':>8} "
           f"{'unsorted x':>11} {'stream MB':>10} {'naive MB':>9} {'mem ratio':>10} {'same mean':>10}")
     for r in rows:
-        print(f"{r['n_prompts']:>8} {r['streaming']['prompts_per_s']:>11.1f} "
+        print(f"{r['model']:<24} {r['n_prompts']:>8} {r['streaming']['prompts_per_s']:>11.1f} "
               f"{r['streaming_unsorted']['prompts_per_s']:>13.1f} {r['naive']['prompts_per_s']:>10.1f} "
               f"{r['throughput_ratio']:>8.2f} {r['unsorted_throughput_ratio']:>11.2f} "
               f"{r['streaming']['extra_rss_mb']:>10.0f} {r['naive']['extra_rss_mb']:>9.0f} "
