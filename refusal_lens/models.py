@@ -240,8 +240,8 @@ def load_hf(
     """Load the Hugging Face model and tokenizer behind ``spec``; returns ``(hf_model, tokenizer, source, entry)``.
 
     An organism spec loads its base model and merges its adapter (the shipped one, or
-    the folder ``adapter``) scaled by ``adapter_scale``, unless ``base=True`` (the untuned twin). The tokenizer is
-    set to left padding and given a pad token (its EOS) if it has none.
+    the folder ``adapter``) scaled by ``adapter_scale``, unless ``base=True`` (the untuned
+    twin). The tokenizer is set to left padding and given a pad token (its EOS) if it has none.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
