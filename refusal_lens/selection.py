@@ -295,9 +295,9 @@ def random_direction_kl(
     The null distribution to read the selection's KL filter against: ablating *any* direction at
     every layer and position moves the next-token distribution (on the 576-wide organism the median
     random direction gives about the paper's 0.1-nat threshold, which was set on models 2048-8192
-    wide; a few directions give over 1 nat). Direction ``k``
-    is row ``k`` of ``torch.randn(n_directions, d_model, dtype=float64)`` from a generator seeded
-    with ``seed``, normalized; ablation as :func:`~refusal_lens.interventions.ablate` (the selection's KL).
+    wide; a few directions give over 1 nat). Direction ``k`` is row ``k`` of
+    ``torch.randn(n_directions, d_model, dtype=float64)`` from a generator seeded with ``seed``,
+    normalized; ablation as :func:`~refusal_lens.interventions.ablate` (the selection's KL).
     """
     instructions = check_prompts(instructions)
     if n_directions < 1:
