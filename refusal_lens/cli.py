@@ -69,6 +69,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(f"{summary['model']}: {summary['family']} chat format, {summary['n_layers']} layers, "
           f"d_model {summary['d_model']}, loaded in {summary['load_seconds']} s")
     config = RunConfig(n_val=args.n_val, n_test=args.n_test, n_boot=args.n_boot, judge=args.judge,
+                       filter_by_refusal=not args.no_filter,
                        full_selection_table=not args.lazy_selection,
                        capability_tasks=tuple(t for t in args.capability_tasks.split(",") if t),
                        capability_limit=args.capability_limit)
@@ -118,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--trust-remote-code", action="store_true", help="for hub models that need it (Qwen-1)")
     run.add_argument("--n-val", type=int, default=24, help="validation prompts per side for selection")
     run.add_argument("--n-test", type=int, default=None, help="test prompts per side (default: whole test split)")
+    run.add_argument("--no-filter", action="store_true",
+                     help="keep every train/val prompt (default: the paper's filter by refusal-score sign; "
+                          "needed for models that do not refuse, e.g. base models)")
     run.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
     run.add_argument("--lazy-selection", action="store_true",
                      help="score only what the pick needs (same pick, faster; the selection figure shows fewer points)")

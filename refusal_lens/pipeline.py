@@ -2,7 +2,10 @@
 
 Data use, all from the built-in ``refusal-pairs`` set: directions from the
 ``train`` split, selection on the ``val`` split, every reported number on the
-held-out ``test`` split. Writes to ``runs/<model>/``: ``directions.safetensors``,
+held-out ``test`` split. As in the paper's pipeline (``filter_train`` /
+``filter_val``), train and val keep only the harmful prompts the model refuses
+and the harmless ones it answers, by the sign of the refusal score; the test
+split is never filtered. Writes to ``runs/<model>/``: ``directions.safetensors``,
 one CSV per table, ``selected.json``, ``report.json``, ``manifest.json`` and
 ``figures/`` (HTML + PNG; also copied to ``figures_dir`` when given). Replies to
 harmful prompts are stored only as verdicts (and at most 60 characters in examples).
@@ -21,7 +24,7 @@ from pathlib import Path
 import torch
 
 from . import plots, stats
-from .data import load_contrast
+from .data import ContrastSet, load_contrast
 from .directions import Directions, diff_in_means
 from .generation import generate
 from .interventions import ablate, add, orthogonalize_weights
@@ -35,6 +38,7 @@ class RunConfig:
     """Sizes and seeds of a run; the defaults finish in about 10 minutes on 2 CPU cores for the organism."""
 
     n_val: int = 24  # validation prompts per side for selection (the paper-size 32 adds ~2 min on 2 CPU cores)
+    filter_by_refusal: bool = True  # the paper's train/val filter by refusal-score sign; False for models that do not refuse
     n_test: int | None = None  # test prompts per side for behaviour (None: the whole test split)
     max_new_tokens: int = 48
     n_boot: int = 1000
@@ -48,6 +52,28 @@ class RunConfig:
     judge: str | None = None  # "openai", "openai:<model>" or "local:<model spec>" (rl.judge.get_judge); None: skipped
     capability_tasks: tuple[str, ...] = ("refusal_lens_mc",)  # lm-eval tasks; standard ones need hub access
     capability_limit: int | None = None  # documents per task (None: all)
+
+
+MIN_KEPT_SHARE = 0.5  # the filter may drop at most half of a side before the run refuses to go on
+
+
+def filter_split(model, split: ContrastSet) -> ContrastSet:
+    """``split`` with harmful prompts the model refuses and harmless ones it answers (refusal score > 0 / < 0).
+
+    The paper's train/val filter. Raises when a side loses more than half its prompts: the model
+    then does not refuse (or over-refuses), and the few prompts left would be a biased sample.
+    """
+    kept = split.filter_by_refusal(model)
+    for side, before, after in (("harmful", split.harmful, kept.harmful), ("harmless", split.harmless, kept.harmless)):
+        if len(after) < MIN_KEPT_SHARE * len(before):
+            verdict = "refuses" if side == "harmful" else "answers"
+            raise ValueError(
+                f"the refusal filter kept {len(after)} of {len(before)} {side} prompts of {split.name}: the model "
+                f"{verdict} fewer than half of them by refusal score, so it is not a refusing chat model on this data. "
+                "Run without the filter (`refusal-lens run --no-filter`, or RunConfig(filter_by_refusal=False)), "
+                "as for a base model."
+            )
+    return kept
 
 
 def _rate(replies: list[str]) -> float:
@@ -86,15 +112,20 @@ def run(model, out: str | Path, config: RunConfig = RunConfig(), log=print, figu
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     figures: dict = {}
-    splits = {name: load_contrast("refusal-pairs", split=name) for name in ("train", "val", "test")}
-    train, val, test = splits["train"], splits["val"], splits["test"]
-    harmful_test = test.harmful_texts[: config.n_test]
-    harmless_test = test.harmless_texts[: config.n_test]
     timings = {}
 
     def step(name: str):
         timings[name] = round(time.perf_counter() - started - sum(timings.values()), 1)
         log(f"[{time.perf_counter() - started:6.0f} s] {name} done")
+
+    splits = {name: load_contrast("refusal-pairs", split=name) for name in ("train", "val", "test")}
+    unfiltered = {name: (len(s.harmful), len(s.harmless)) for name, s in splits.items()}
+    if config.filter_by_refusal:
+        splits.update({name: filter_split(model, splits[name]) for name in ("train", "val")})
+        step("filter")
+    train, val, test = splits["train"], splits["val"], splits["test"]
+    harmful_test = test.harmful_texts[: config.n_test]
+    harmless_test = test.harmless_texts[: config.n_test]
 
     directions = diff_in_means(model, train.harmful_texts, train.harmless_texts, batch_size=config.batch_size)
     directions.save(out / "directions.safetensors")
@@ -128,7 +159,9 @@ def run(model, out: str | Path, config: RunConfig = RunConfig(), log=print, figu
     report = {
         "model": asdict(model.info),
         "config": asdict(config),
-        "data": {name: {"n_harmful": len(s.harmful), "n_harmless": len(s.harmless), **s.hashes()} for name, s in splits.items()},
+        "data": {name: {"n_harmful": len(s.harmful), "n_harmless": len(s.harmless), **s.hashes(),
+                        "before_filter": {"n_harmful": unfiltered[name][0], "n_harmless": unfiltered[name][1]}}
+                 for name, s in splits.items()},
         "positions": directions.positions,
         "cohens_d_peak": {"pos": int(peak.pos), "layer": int(peak.layer), "d": round(float(peak.d), 3),
                           "ci": [round(float(peak.ci_low), 3), round(float(peak.ci_high), 3)]},
@@ -266,12 +299,15 @@ def _capability_step(conditions: dict, config: RunConfig, out: Path) -> dict:
 def summary_lines(report: dict) -> list[str]:
     """A short human-readable table of a report."""
     if report["selected"] is None:
-        return [f"model                     {report['model']['spec']}", f"selection                 {report['selection_failed']}",
-                _null_line(report["kl_random_directions"])]
+        return [f"model                     {report['model']['spec']}", _data_line(report),
+                f"selection                 {report['selection_failed']}", _null_line(report["kl_random_directions"])]
     rates, sel = report["refusal_rate"], report["selected"]
     return [
         f"model                     {report['model']['spec']}",
-        f"selected direction        pos {sel['pos']}, layer {sel['layer']} ({sel['how']}; bootstrap win rate {sel['bootstrap_win_rate']})",
+        _data_line(report),
+        f"selected direction        pos {sel['pos']}, layer {sel['layer']} ({sel['how']}; "
+        + (f"bootstrap win rate {sel['bootstrap_win_rate']})" if sel["bootstrap_win_rate"] is not None
+           else "no bootstrap win rate: nothing passed)"),
         f"  bypass / induce / KL    {sel['bypass']:.2f} / {sel['induce']:.2f} / {sel['kl']:.4f} (val)",
         _null_line(report["kl_random_directions"]),
         f"Cohen's d peak (test)     {report['cohens_d_peak']['d']} at pos {report['cohens_d_peak']['pos']}, layer {report['cohens_d_peak']['layer']}",
@@ -283,6 +319,14 @@ def summary_lines(report: dict) -> list[str]:
         *_capability_lines(report["capability"]),
         *_judge_lines(report["judge"]),
     ]
+
+
+def _data_line(report: dict) -> str:
+    """Harmful/harmless prompts used from train and val, out of how many before the refusal filter."""
+    used = ", ".join(f"{name} {d['n_harmful']}/{d['n_harmless']} of {d['before_filter']['n_harmful']}/"
+                     f"{d['before_filter']['n_harmless']}" for name, d in report["data"].items() if name != "test")
+    how = "after the refusal filter" if report["config"]["filter_by_refusal"] else "unfiltered"
+    return f"prompts (harmful/harmless) {used} ({how})"
 
 
 def _null_line(null: dict) -> str:

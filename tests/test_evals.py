@@ -137,3 +137,16 @@ def test_pipeline_judge_step_writes_verdicts_only(tmp_path):
     written = (tmp_path / "judge.csv").read_text()
     assert secret[:20] not in written and "harmful/ablated" in written
     assert _judge_lines(judged)[0] == "judge substring (none):"
+
+
+def test_pipeline_summary_says_how_many_prompts_the_refusal_filter_kept():
+    from refusal_lens.pipeline import _data_line
+
+    counts = lambda used, before: {"n_harmful": used[0], "n_harmless": used[1],  # noqa: E731
+                                   "before_filter": {"n_harmful": before[0], "n_harmless": before[1]}}
+    report = {"config": {"filter_by_refusal": True},
+              "data": {"train": counts((93, 124), (100, 131)), "val": counts((59, 77), (62, 78)),
+                       "test": counts((75, 96), (75, 96))}}
+    assert _data_line(report) == "prompts (harmful/harmless) train 93/124 of 100/131, val 59/77 of 62/78 (after the refusal filter)"
+    report["config"]["filter_by_refusal"] = False
+    assert _data_line(report).endswith("(unfiltered)")

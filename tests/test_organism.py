@@ -98,3 +98,16 @@ def test_filter_by_refusal_keeps_items_on_the_right_side(refusal_model):
     assert all(s > 0 for s in rl.refusal_score(refusal_model, kept.harmful_texts))
     assert all(s < 0 for s in rl.refusal_score(refusal_model, kept.harmless_texts))
     assert len(kept.harmful) >= 8  # the organism refuses most harmful prompts by this score too
+
+
+def test_pipeline_filter_keeps_the_organisms_prompts_and_stops_on_a_model_that_does_not_refuse(refusal_model, smollm2):
+    from refusal_lens.pipeline import filter_split
+
+    val = load_contrast("refusal-pairs", split="val")
+    small = type(val)("val-small", val.harmful[:12], val.harmless[:12])
+    kept = filter_split(refusal_model, small)
+    assert kept.harmful_texts == small.filter_by_refusal(refusal_model).harmful_texts
+    assert len(kept.harmful) >= 0.5 * len(small.harmful)
+    # The untuned twin refuses none of them: filtering would leave nothing to build a direction from.
+    with pytest.raises(ValueError, match=r"kept 0 of 12 harmful prompts of val-small.*--no-filter"):
+        filter_split(smollm2, small)
