@@ -142,10 +142,16 @@ def test_gemma3_270m_loads_offline_and_equals_hf():
 
 
 def test_cli_run_writes_outputs_and_manifest(tiny_model_dir, tmp_path, capsys):
-    """The main job end to end on a tiny random model: it cannot pass selection, and says so."""
+    """The main job end to end on a tiny random model: it cannot pass selection, and says so.
+
+    A random model does not refuse, so the default refusal filter stops the job with an error naming
+    ``--no-filter``; with the flag the job runs unfiltered.
+    """
     args = ["run", "--model", str(tiny_model_dir), "--out", str(tmp_path), "--device", "cpu",
             "--n-val", "4", "--n-test", "6", "--n-boot", "10"]
-    assert cli_main(args) == 0
+    with pytest.raises(ValueError, match=r"refusal filter kept \d+ of 100 harmful prompts.*--no-filter"):
+        cli_main(args)
+    assert cli_main(args + ["--no-filter"]) == 0
     run_dir = tmp_path / tiny_model_dir.name
     summary = json.loads((run_dir / "summary.json").read_text())
     report = json.loads((run_dir / "report.json").read_text())
@@ -153,6 +159,7 @@ def test_cli_run_writes_outputs_and_manifest(tiny_model_dir, tmp_path, capsys):
     assert summary["n_layers"] == 2 and summary["family"] == "chatml"
     assert summary["eoi_tokens"] == ["<|im_end|>", "\n", "<|im_start|>", "ass", "istant", "\n"]
     assert report["selected"] is None and "no candidate passed" in report["selection_failed"]
+    assert report["config"]["filter_by_refusal"] is False and report["data"]["train"]["n_harmful"] == 100
     assert report["data"]["train"]["harmful_sha256"] == rl.load_contrast("refusal-pairs", split="train").hashes()["harmful_sha256"]
     assert manifest["versions"]["transformer-lens"].startswith("4.") and manifest["positions"] == list(range(-6, 0))
     assert manifest["seed"] == 0 and manifest["model"]["spec"] == str(tiny_model_dir)
@@ -166,4 +173,4 @@ def test_cli_run_writes_outputs_and_manifest(tiny_model_dir, tmp_path, capsys):
     assert null["n"] == len(null["values"]) == 16 and 0 < null["min"] <= null["median"] <= null["max"]
     assert null["share_below_0.1"] == sum(v < 0.1 for v in null["values"]) / 16
     printed = capsys.readouterr().out
-    assert "no candidate passed" in printed and "KL, random directions" in printed
+    assert "no candidate passed" in printed and "KL, random directions" in printed and "(unfiltered)" in printed
