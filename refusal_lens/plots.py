@@ -191,14 +191,15 @@ def _chrome() -> str | None:
 def save(fig: go.Figure, name: str, folder: str | Path = FIGURES, *, static: bool = True) -> list[Path]:
     """Write ``folder/name.html`` and ``folder/name.png``; returns the paths written.
 
-    The HTML loads ``plotly.min.js`` from the same folder (written once), so it opens offline.
+    The HTML loads ``plotly.min.js`` from the same folder (written once), so it opens offline, and its
+    plot element is named after ``name`` (not a random id), so the same figure gives the same bytes.
 
     Static export needs a Chrome/Chromium; without one a warning names the fix and only HTML is written.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     html = folder / f"{name}.html"
-    fig.write_html(html, include_plotlyjs="directory", full_html=True)
+    fig.write_html(html, include_plotlyjs="directory", full_html=True, div_id=f"refusal-lens-{name}")
     written = [html]
     if static:
         chrome = _chrome()

@@ -47,6 +47,9 @@ def test_save_writes_html_and_png(tmp_path):
     fig = plots.cohens_d(cohens_table())
     written = plots.save(fig, "d", tmp_path, static=False)
     assert written == [tmp_path / "d.html"] and (tmp_path / "plotly.min.js").exists()
+    first = written[0].read_bytes()
+    plots.save(fig, "d", tmp_path, static=False)
+    assert written[0].read_bytes() == first  # a rerun leaves committed figures unchanged
     if not plots._chrome():
         pytest.skip("no Chromium on this machine: static export is covered where `make` could install it")
     written = plots.save(fig, "d", tmp_path)
