@@ -1,9 +1,10 @@
 """Extraction benchmark: streaming ``mean_activations`` vs a naive full-cache baseline.
 
-Each method runs in a fresh subprocess so that its peak resident memory (RSS)
-is its own. Reported per method: wall seconds, prompts per second, and the peak
-RSS above the RSS right after loading the model (the memory the method itself
-needs). The headline is the ratio streaming / naive, measured in the same run.
+Each method runs in a fresh subprocess so that its peak memory is its own.
+Reported per method: wall seconds, prompts per second, and the peak memory
+above the level right after loading the model (the memory the method itself
+needs): resident memory (RSS) on CPU, the CUDA allocator's peak on a GPU. The
+headline is the ratio streaming / naive, measured in the same run.
 
 Baseline (how extraction is often written): ``run_with_cache`` with the full
 cache for each batch, index the end-of-instruction positions at every layer's
@@ -41,23 +42,45 @@ def _peak_rss_mb() -> float:
 
 
 def _naive_mean(model, prompts: list[str], batch_size: int) -> torch.Tensor:
-    n_eoi, n_layers = len(model.chat.eoi_tokens), model.cfg.n_layers
+    n_eoi, n_layers, device = len(model.chat.eoi_tokens), model.cfg.n_layers, model.cfg.device
     kept = []
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
             batch = model.chat.tokenize(prompts[start : start + batch_size])
-            _, cache = model.run_with_cache(batch["input_ids"], attention_mask=batch["attention_mask"])
+            _, cache = model.run_with_cache(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
             kept.append(torch.stack([cache[f"blocks.{l}.hook_resid_pre"][:, -n_eoi:] for l in range(n_layers)], dim=2))
             del cache
     return torch.cat(kept).double().mean(0)
 
 
-def worker(method: str, model_spec: str, n_prompts: int, batch_size: int, words: int | None, repeats: int = 1) -> dict:
+class _PeakMemory:
+    """Peak memory above a baseline, in MB: the process's RSS on CPU, the CUDA allocator's on a GPU."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+        self.measure = "CUDA allocator peak" if self.cuda else "peak RSS"
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.baseline = torch.cuda.memory_allocated() / 2**20
+        else:  # RSS peaks cannot be reset: the warm-up keeps other methods' peaks out of the baseline
+            self.baseline = _peak_rss_mb()
+
+    def peak(self) -> float:
+        return torch.cuda.max_memory_allocated() / 2**20 if self.cuda else _peak_rss_mb()
+
+
+def worker(method: str, model_spec: str, n_prompts: int, batch_size: int, words: int | None, repeats: int = 1,
+           device: str = "cpu", dtype: str | None = None) -> dict:
     """Run one method in this process and report time (the best of ``repeats`` runs) and memory."""
     import refusal_lens as rl
 
+    from .models import synchronize
+
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
-    model = rl.load_model(model_spec, device="cpu")
+    model = rl.load_model(model_spec, device=device, dtype=dtype)
     prompts = synthetic_prompts(n_prompts, words)
     methods = {
         "streaming": lambda ps, bs: rl.mean_activations(model, ps, batch_size=bs, progress=False),
@@ -66,28 +89,35 @@ def worker(method: str, model_spec: str, n_prompts: int, batch_size: int, words:
         "naive": lambda ps, bs: _naive_mean(model, ps, bs),
     }
     run = methods[method]
-    run(prompts[:1], 1)  # warm-up with this method only, so the baseline RSS holds no other method's peak
-    after_load = _peak_rss_mb()
+    run(prompts[:1], 1)  # warm-up with this method only, so the baseline holds no other method's peak
+    memory = _PeakMemory(device)
+    memory.start()
     all_seconds = []
     for _ in range(repeats):
+        synchronize(device)
         started = time.perf_counter()
         mean = run(prompts, batch_size)
+        synchronize(device)
         all_seconds.append(time.perf_counter() - started)
     seconds = min(all_seconds)
     n_tokens = int(model.chat.tokenize(prompts)["attention_mask"].sum())
     return {
         "method": method, "n_prompts": n_prompts, "batch_size": batch_size, "seconds": seconds, "all_seconds": all_seconds,
-        "prompts_per_s": n_prompts / seconds, "peak_rss_mb": _peak_rss_mb(),
-        "extra_rss_mb": _peak_rss_mb() - after_load, "mean_checksum": float(mean.sum()), "n_tokens": n_tokens,
+        "prompts_per_s": n_prompts / seconds, "device": device, "dtype": str(model.cfg.dtype).removeprefix("torch."),
+        "memory_measure": memory.measure, "peak_mb": memory.peak(), "extra_mb": memory.peak() - memory.baseline,
+        "mean_checksum": float(mean.sum()), "n_tokens": n_tokens,
     }
 
 
 def run_in_subprocess(method: str, model_spec: str, n_prompts: int, batch_size: int, words: int | None = None,
-                      repeats: int = 1) -> dict:
+                      repeats: int = 1, device: str = "cpu", dtype: str | None = None) -> dict:
     command = [sys.executable, "-m", "benchmarks.extraction", "--worker", method, "--model", model_spec,
-               "--n-prompts", str(n_prompts), "--batch-size", str(batch_size), "--repeats", str(repeats)]
+               "--n-prompts", str(n_prompts), "--batch-size", str(batch_size), "--repeats", str(repeats),
+               "--device", device]
     if words is not None:
         command += ["--words", str(words)]
+    if dtype is not None:
+        command += ["--dtype", dtype]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
@@ -96,22 +126,26 @@ def run_in_subprocess(method: str, model_spec: str, n_prompts: int, batch_size: 
 
 
 def compare(model_spec: str, n_prompts: int, batch_size: int, words: int | None = None,
-            with_unsorted: bool = False, repeats: int = 1) -> dict:
+            with_unsorted: bool = False, repeats: int = 1, device: str = "cpu", dtype: str | None = None) -> dict:
     """Streaming and naive on the same prompts (and streaming unsorted if asked); ratios against naive.
 
     Each method's time is the best of ``repeats`` runs in its process (this machine's timings vary by
     tens of percent from run to run; the best run is the least disturbed one).
     """
     methods = ["streaming", "naive"] + (["streaming-unsorted"] if with_unsorted else [])
-    runs = {method: run_in_subprocess(method, model_spec, n_prompts, batch_size, words, repeats) for method in methods}
+    runs = {method: run_in_subprocess(method, model_spec, n_prompts, batch_size, words, repeats, device, dtype)
+            for method in methods}
     naive = runs["naive"]
-    agree = all(abs(run["mean_checksum"] - naive["mean_checksum"]) <= 1e-6 * max(1.0, abs(naive["mean_checksum"]))
+    # Exact in float32 on CPU; GPU kernels may pick other reduction orders for other batch shapes.
+    tolerance = 1e-6 if device == "cpu" else 1e-3
+    agree = all(abs(run["mean_checksum"] - naive["mean_checksum"]) <= tolerance * max(1.0, abs(naive["mean_checksum"]))
                 for run in runs.values())
     result = {
         "model": model_spec, "n_prompts": n_prompts, "batch_size": batch_size, "words": words, "repeats": repeats,
+        "device": device,
         **{method.replace("-", "_"): run for method, run in runs.items()},
         "throughput_ratio": runs["streaming"]["prompts_per_s"] / naive["prompts_per_s"],
-        "extra_memory_ratio": runs["streaming"]["extra_rss_mb"] / max(naive["extra_rss_mb"], 1e-9),
+        "extra_memory_ratio": runs["streaming"]["extra_mb"] / max(naive["extra_mb"], 1e-9),
         "same_mean": agree,
     }
     if with_unsorted:
@@ -127,11 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--words", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per method; the best counts")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on a GPU")
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker, args.model, args.n_prompts, args.batch_size, args.words, args.repeats)))
+        print(json.dumps(worker(args.worker, args.model, args.n_prompts, args.batch_size, args.words, args.repeats,
+                                args.device, args.dtype)))
         return 0
-    result = compare(args.model, args.n_prompts, args.batch_size, args.words, with_unsorted=True, repeats=args.repeats)
+    result = compare(args.model, args.n_prompts, args.batch_size, args.words, with_unsorted=True, repeats=args.repeats,
+                     device=args.device, dtype=args.dtype)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 
 import torch
@@ -22,12 +23,15 @@ def reference_selection(model, directions, harmful, harmless, *, kl_max=0.1, max
     import refusal_lens as rl
     from refusal_lens.metrics import kl_divergence, refusal_log_odds
 
+    device = model.cfg.device
+
     def last_logits(prompts, hooks=()):
         rows = []
         with torch.no_grad(), model.hooks(fwd_hooks=list(hooks)):
             for s in range(0, len(prompts), batch_size):
                 batch = model.chat.tokenize(prompts[s : s + batch_size])
-                rows.append(model(batch["input_ids"], attention_mask=batch["attention_mask"])[:, -1].float())
+                ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+                rows.append(model(ids, attention_mask=mask)[:, -1].float().cpu())
         return torch.cat(rows)
 
     tokens = model.chat.refusal_tokens
@@ -51,28 +55,37 @@ def reference_selection(model, directions, harmful, harmless, *, kl_max=0.1, max
 
 
 def compare(model_spec: str = "smollm2-135m-refusal", n_val: int = 16, positions=(-1, -3, -5),
-            kl_max: float = 0.1) -> dict:
+            kl_max: float = 0.1, induce_min: float = 0.0, device: str = "cpu", dtype: str | None = None) -> dict:
     """Time both on the organism's directions (train split) and val prompts (first ``n_val`` of each).
 
     ``kl_max`` is the KL filter for both (the paper's 0.1 by default; the organism passes no candidate
-    there, so a looser one shows the two agreeing on a pick that exists).
+    there, so a looser one shows the two agreeing on a pick that exists); ``induce_min`` is the induce
+    filter for both (the paper's 0).
     """
     import refusal_lens as rl
 
-    model = rl.load_model(model_spec, device="cpu")
+    from .models import synchronize
+
+    model = rl.load_model(model_spec, device=device, dtype=dtype)
     train = rl.load_contrast("refusal-pairs", split="train")
     val = rl.load_contrast("refusal-pairs", split="val")
     directions = rl.diff_in_means(model, train.harmful_texts, train.harmless_texts, positions=list(positions))
     harmful, harmless = val.harmful_texts[:n_val], val.harmless_texts[:n_val]
+    synchronize(device)
     started = time.perf_counter()
-    ours = rl.select_direction(model, directions, harmful, harmless, kl_max=kl_max, n_boot=0, progress=False)
+    ours = rl.select_direction(model, directions, harmful, harmless, kl_max=kl_max, induce_min=induce_min, n_boot=0,
+                               progress=False)
+    synchronize(device)
     ours_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    reference_best, _ = reference_selection(model, directions, harmful, harmless, kl_max=kl_max)
+    reference_best, _ = reference_selection(model, directions, harmful, harmless, kl_max=kl_max, induce_min=induce_min)
+    synchronize(device)
     reference_seconds = time.perf_counter() - started
     return {
-        "model": model_spec, "n_val": n_val, "positions": list(positions), "n_layers": model.cfg.n_layers,
-        "kl_max": kl_max, "candidates": int(directions.valid.sum()),
+        "model": model_spec, "device": device, "dtype": str(model.cfg.dtype).removeprefix("torch."),
+        "n_val": n_val, "positions": list(positions), "n_layers": model.cfg.n_layers,
+        "kl_max": kl_max, "induce_min": induce_min if math.isfinite(induce_min) else str(induce_min),  # JSON has no inf
+        "candidates": int(directions.valid.sum()),
         "scores_by_ours": {k: int(ours.table[k].notna().sum()) for k in ("bypass", "induce", "kl")},
         "ours_seconds": ours_seconds, "reference_seconds": reference_seconds,
         "speed_ratio": reference_seconds / ours_seconds,

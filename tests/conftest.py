@@ -39,16 +39,26 @@ def refusal_model():
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, smollm2) -> Path:
-    """A 2-layer random Llama with SmolLM2's tokenizer, saved as a local Hugging Face directory."""
+def chatml_tokenizer(request):
+    """SmolLM2's ChatML tokenizer; ``REFUSAL_LENS_TEST_TOKENIZER`` (a tokenizer directory) supplies it where
+    the model package is absent, e.g. on a GPU machine that runs tests/test_cuda.py with random models only."""
+    folder = os.environ.get("REFUSAL_LENS_TEST_TOKENIZER")
+    if folder:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(folder)
+    return request.getfixturevalue("smollm2").tokenizer
+
+
+def random_llama(tokenizer, path: Path, *, layers: int = 2, d_model: int = 64) -> Path:
+    """A seeded random Llama with ``tokenizer``, saved as a local Hugging Face directory at ``path``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = smollm2.tokenizer
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
+        hidden_size=d_model,
+        intermediate_size=2 * d_model,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
@@ -58,11 +68,15 @@ def tiny_model_dir(tmp_path_factory, smollm2) -> Path:
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    path = tmp_path_factory.mktemp("tiny-smollm")
-    model.save_pretrained(path)
+    LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, chatml_tokenizer) -> Path:
+    """A 2-layer random Llama with SmolLM2's tokenizer, saved as a local Hugging Face directory."""
+    return random_llama(chatml_tokenizer, tmp_path_factory.mktemp("tiny-smollm"))
 
 
 @pytest.fixture(scope="session")

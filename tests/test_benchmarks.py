@@ -1,5 +1,7 @@
 """Smoke test: the benchmark code runs on a tiny model (no timing is asserted)."""
 
+import pytest
+
 from benchmarks import extraction
 
 
@@ -47,3 +49,25 @@ def test_hardware_benchmark_reports_a_fraction_of_peak(tiny_model_dir):
     result = hardware.forward_flops(str(tiny_model_dir), n_prompts=4, batch_size=2, repeats=1)
     assert 0 < result["fraction_of_peak"] and result["tokens"] > 0
     assert result["matmul_peak_gflops"] > 0
+
+
+def test_random_model_of_a_shape_loads_through_the_local_path(tmp_path, monkeypatch, smollm2):
+    """``random:<shape>`` writes a Hugging Face directory that rl.load_model boots like any checkpoint."""
+    import refusal_lens as rl
+    from benchmarks import models
+
+    tiny = dict(models.SHAPES["qwen-1.8b"], hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=4)
+    monkeypatch.setitem(models.SHAPES, "tiny-qwen", tiny)
+    tokenizer_dir = tmp_path / "tokenizer"
+    smollm2.tokenizer.save_pretrained(tokenizer_dir)
+    path = models.resolve("random:tiny-qwen", tmp_path, tokenizer_dir)
+    assert models.resolve("smollm2-135m-instruct", tmp_path) == "smollm2-135m-instruct"
+    model = rl.load_model(path, device="cpu")
+    assert model.chat.family == "qwen"  # detected from the architecture, as for a hub Qwen checkpoint
+    assert (model.cfg.n_layers, model.cfg.d_model, model.cfg.d_vocab) == (2, 32, 151936)
+    assert not model.original_model.config.tie_word_embeddings
+    means = rl.mean_activations(model, ["Hi", "Tell me about tea."], batch_size=2, progress=False)
+    assert means.shape == (len(model.chat.eoi_tokens), 2, 32) and means.isfinite().all()
+    with pytest.raises(ValueError, match="unknown model shape 'nope'; known: "):
+        models.build_random_model("nope", tmp_path / "x", tokenizer_dir)
