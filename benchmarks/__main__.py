@@ -65,15 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     args.model, args.selection_model = (resolve(spec, workdir, args.tokenizer) for spec in (args.model, args.selection_model))
     args.extraction_models = [resolve(spec, workdir, args.tokenizer) for spec in args.extraction_models]
 
+    device = dict(device=args.device, dtype=args.dtype)
     out = RESULTS / f"{machine_name()}.json"
     record = json.loads(out.read_text()) if out.exists() else {}
     record.update({"created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                    "machine": machine_name(), "versions": versions()})
     if "extraction" in args.suite:
-        record["extraction"] = _extraction(args)
+        record["extraction"] = _extraction(args, device)
     if "scaling" in args.suite:
-        record["scaling"] = _scaling(args)
-    device = dict(device=args.device, dtype=args.dtype)
+        record["scaling"] = _scaling(args, device)
     if "generation" in args.suite:
         record["generation"] = []
         for batch_size in args.generation_batch_sizes:
@@ -104,9 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _extraction(args) -> list[dict]:
-    rows = [extraction.compare(model, n, args.batch_size, with_unsorted=True, repeats=args.repeats,
-                               device=args.device, dtype=args.dtype)
+def _extraction(args, device: dict) -> list[dict]:
+    rows = [extraction.compare(model, n, args.batch_size, with_unsorted=True, repeats=args.repeats, **device)
             for model in args.extraction_models for n in args.n_prompts]
     print(f"{'model':<24} {'prompts':>8} {'stream p/s':>11} {'unsorted p/s':>13} {'naive p/s':>10} {'speed x':>8} "
           f"{'unsorted x':>11} {'stream MB':>10} {'naive MB':>9} {'mem ratio':>10} {'same mean':>10}")
@@ -119,9 +118,8 @@ def _extraction(args) -> list[dict]:
     return rows
 
 
-def _scaling(args) -> dict:
+def _scaling(args, device: dict) -> dict:
     """Streaming vs naive time and memory against the number of prompts and against prompt length."""
-    device = dict(device=args.device, dtype=args.dtype)
     by_prompts = [extraction.compare(args.model, n, args.batch_size, **device) for n in args.scaling_prompts]
     by_length = [extraction.compare(args.model, 64, args.batch_size, words=w, **device) for w in args.scaling_words]
     print(f"{'scan':>8} {'value':>6} {'tokens':>7} {'stream s':>9} {'naive s':>8} {'stream MB':>10} {'naive MB':>9}")

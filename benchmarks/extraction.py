@@ -99,12 +99,12 @@ def worker(method: str, model_spec: str, n_prompts: int, batch_size: int, words:
         mean = run(prompts, batch_size)
         synchronize(device)
         all_seconds.append(time.perf_counter() - started)
-    seconds = min(all_seconds)
+    seconds, peak_mb = min(all_seconds), memory.peak()
     n_tokens = int(model.chat.tokenize(prompts)["attention_mask"].sum())
     return {
         "method": method, "n_prompts": n_prompts, "batch_size": batch_size, "seconds": seconds, "all_seconds": all_seconds,
-        "prompts_per_s": n_prompts / seconds, "device": device, "dtype": str(model.cfg.dtype).removeprefix("torch."),
-        "memory_measure": memory.measure, "peak_mb": memory.peak(), "extra_mb": memory.peak() - memory.baseline,
+        "prompts_per_s": n_prompts / seconds, "device": device, "dtype": model.info.dtype,
+        "memory_measure": memory.measure, "peak_mb": peak_mb, "extra_mb": peak_mb - memory.baseline,
         "mean_checksum": float(mean.sum()), "n_tokens": n_tokens,
     }
 

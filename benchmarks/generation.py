@@ -53,7 +53,7 @@ def compare(model_spec: str = "smollm2-135m-instruct", n_prompts: int = 32, max_
                                             hooks=rl.ablate(model, direction).hooks, progress=False))
     new_tokens = n_prompts * max_new_tokens  # upper bound used for all three: same budget, same denominator
     return {
-        "model": model_spec, "device": device, "dtype": str(model.cfg.dtype).removeprefix("torch."),
+        "model": model_spec, "device": device, "dtype": model.info.dtype,
         "n_prompts": n_prompts, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
         "hf_tokens_per_s": new_tokens / t_plain, "ours_tokens_per_s": new_tokens / t_ours,
         "ours_ablated_tokens_per_s": new_tokens / t_hooked,

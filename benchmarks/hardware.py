@@ -52,7 +52,7 @@ def forward_flops(model_spec: str = "smollm2-135m-instruct", n_prompts: int = 32
     achieved = 2 * n_params * tokens / best
     on_gpu = device.startswith("cuda")
     peak = matmul_flops(n=8192 if on_gpu else 2048, device=device, dtype=model.cfg.dtype)
-    return {"model": model_spec, "device": device, "dtype": str(model.cfg.dtype).removeprefix("torch."),
+    return {"model": model_spec, "device": device, "dtype": model.info.dtype,
             "parameters": n_params, "tokens": tokens, "seconds": best,
             "achieved_gflops": achieved / 1e9, "matmul_peak_gflops": peak / 1e9, "fraction_of_peak": achieved / peak,
             "threads": torch.get_num_threads()}

@@ -46,8 +46,9 @@ def build_random_model(shape: str, path: str | Path, tokenizer_dir: str | Path, 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     if len(tokenizer) > SHAPES[shape]["vocab_size"]:
         raise ValueError(f"tokenizer in {tokenizer_dir} has {len(tokenizer)} tokens, more than {shape}'s vocabulary")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     config = Qwen2Config(**SHAPES[shape], bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, dtype=str(dtype).removeprefix("torch."))
+                         pad_token_id=pad, dtype=str(dtype).removeprefix("torch."))
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config).to(dtype)
     model.save_pretrained(path)

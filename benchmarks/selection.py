@@ -82,7 +82,7 @@ def compare(model_spec: str = "smollm2-135m-refusal", n_val: int = 16, positions
     synchronize(device)
     reference_seconds = time.perf_counter() - started
     return {
-        "model": model_spec, "device": device, "dtype": str(model.cfg.dtype).removeprefix("torch."),
+        "model": model_spec, "device": device, "dtype": model.info.dtype,
         "n_val": n_val, "positions": list(positions), "n_layers": model.cfg.n_layers,
         "kl_max": kl_max, "induce_min": induce_min if math.isfinite(induce_min) else str(induce_min),  # JSON has no inf
         "candidates": int(directions.valid.sum()),
