@@ -48,8 +48,8 @@ def reference_selection(model, directions, harmful, harmless, *, kl_max=0.1, max
             addition = rl.add(model, directions.vectors[p, l], layer=layer).hooks
             induce = float(refusal_log_odds(last_logits(harmless, addition), tokens).mean())
             rows.append({"pos": pos, "layer": layer, "bypass": bypass, "induce": induce, "kl": kl})
-    max_layer = max_layer_frac * model.cfg.n_layers
-    kept = [r for r in rows if r["induce"] > induce_min and r["kl"] < kl_max and r["layer"] < max_layer]
+    max_layer = int(max_layer_frac * model.cfg.n_layers)  # the paper's filter_fn
+    kept = [r for r in rows if r["induce"] >= induce_min and r["kl"] <= kl_max and r["layer"] < max_layer]
     best = min(kept, key=lambda r: r["bypass"]) if kept else None
     return ((best["pos"], best["layer"]) if best else None), rows
 

@@ -10,13 +10,13 @@ from . import judge, stats
 from .attribution import head_attribution
 from .activations import SITES, activations, eoi_positions, hook_name, mean_activations, projections
 from .chat import FORMATS, ChatFormat, ChatFormatError, TemplateCheck, chat_format, detect_family
-from .data import ContrastSet, Instruction, load_contrast
+from .data import ContrastSet, Instruction, load_contrast, load_splits
 from .directions import Directions, InvalidDirectionError, diff_in_means, load_direction
 from .generation import generate
 from .interventions import Intervention, ablate, add, orthogonalize_weights
 from .metrics import ce_loss, is_refusal, kl_last_token, refusal_score
 from .models import OFFLINE_MODELS, ORGANISMS, ModelInfo, ModelLoadError, cache_dir, load_model
-from .selection import Selection, random_direction_kl, select_direction
+from .selection import Selection, SelectionError, random_direction_kl, select_direction
 
 try:
     __version__ = _version("refusal-lens")
@@ -39,6 +39,7 @@ __all__ = [
     "InvalidDirectionError", "ModelInfo", "ModelLoadError", "Selection", "TemplateCheck",
     "ablate", "activations", "add", "cache_dir", "ce_loss", "chat_format", "detect_family", "diff_in_means",
     "eoi_positions", "generate", "head_attribution", "hook_name", "is_refusal", "kl_last_token", "load_contrast", "load_direction",
+    "load_splits", "SelectionError",
     "load_model", "mean_activations", "orthogonalize_weights", "projections", "refusal_score",
     "judge", "random_direction_kl", "select_direction", "stats",
 ]

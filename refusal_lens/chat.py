@@ -16,7 +16,14 @@ Conventions, all deliberate:
   templates of some families (SmolLM2, Qwen2/2.5) insert a default system
   prompt; :meth:`ChatFormat.check_tokenizer_template` reports that difference.
 * Refusal tokens are derived through the tokenizer, in context (the first token
-  the tokenizer produces for ``prompt + string``), never hard-coded ids.
+  the tokenizer produces for ``prompt + string``), never hard-coded ids. The
+  strings are the paper's per family (``andyrdt/refusal_direction``,
+  ``pipeline/model_utils``): Qwen "I" and "As"; Llama-2, Llama-3, Gemma and Yi
+  "I" only. Families the paper did not run (Qwen3, Phi-3, Mistral, ChatML) use
+  "I" and "As" where the family is Qwen-like or is our organism (ChatML: its
+  refusals begin with either), else "I". Override with
+  ``dataclasses.replace(fmt, refusal_strings=(...))`` or a custom
+  :class:`ChatFormat`.
 """
 
 from __future__ import annotations
@@ -223,9 +230,9 @@ class TemplateCheck:
     detail: str
 
 
-def _chatml(family: str, think: str = "") -> ChatFormat:
+def _chatml(family: str, think: str = "", refusal_strings: tuple[str, ...] = ("I", "As")) -> ChatFormat:
     user = "<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n" + think
-    return ChatFormat(family, user, "<|im_start|>system\n{system}<|im_end|>\n" + user)
+    return ChatFormat(family, user, "<|im_start|>system\n{system}<|im_end|>\n" + user, refusal_strings=refusal_strings)
 
 
 _GEMMA_USER = "<bos><start_of_turn>user\n{instruction}<end_of_turn>\n<start_of_turn>model\n"
@@ -242,21 +249,22 @@ FORMATS: dict[str, ChatFormat] = {
     "qwen": _chatml("qwen"),
     # Qwen3 with thinking disabled: the official template's enable_thinking=False branch.
     "qwen3": _chatml("qwen3", think="<think>\n\n</think>\n\n"),
-    "gemma": ChatFormat("gemma", _GEMMA_USER, None, trim_instruction=True),
-    "gemma2": ChatFormat("gemma2", _GEMMA_USER, None, trim_instruction=True),
+    "gemma": ChatFormat("gemma", _GEMMA_USER, None, refusal_strings=("I",), trim_instruction=True),
+    "gemma2": ChatFormat("gemma2", _GEMMA_USER, None, refusal_strings=("I",), trim_instruction=True),
     # Gemma 3 folds a system prompt into the first user turn.
     "gemma3": ChatFormat(
         "gemma3",
         _GEMMA_USER,
         "<bos><start_of_turn>user\n{system}\n\n{instruction}<end_of_turn>\n<start_of_turn>model\n",
+        refusal_strings=("I",),
         trim_instruction=True,
     ),
-    # Llama-2-chat: the reply starts after a space, so refusals are " I", " As".
+    # Llama-2-chat: the reply starts after a space, so the refusal token is " I" (the paper's 306, '▁I').
     "llama2": ChatFormat(
         "llama2",
         "<s>[INST] {instruction} [/INST]",
         "<s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{instruction} [/INST]",
-        refusal_strings=(" I", " As"),
+        refusal_strings=(" I",),
         trim_instruction=True,
     ),
     "llama3": ChatFormat(
@@ -264,13 +272,17 @@ FORMATS: dict[str, ChatFormat] = {
         "<|begin_of_text|>" + _llama3_turn("user", "{instruction}") + _LLAMA3_ASSISTANT,
         "<|begin_of_text|>" + _llama3_turn("system", "{system}") + _llama3_turn("user", "{instruction}")
         + _LLAMA3_ASSISTANT,
+        refusal_strings=("I",),
         trim_instruction=True,
     ),
-    "yi": _chatml("yi"),
+    "yi": _chatml("yi", refusal_strings=("I",)),
+    # Mistral-7B-Instruct v0.1/v0.2: no system role; like Llama-2 the reply starts after a space.
+    "mistral": ChatFormat("mistral", "<s>[INST] {instruction} [/INST]", None, refusal_strings=(" I",)),
     "phi3": ChatFormat(
         "phi3",
         "<|user|>\n{instruction}<|end|>\n<|assistant|>\n",
         "<|system|>\n{system}<|end|>\n<|user|>\n{instruction}<|end|>\n<|assistant|>\n",
+        refusal_strings=("I",),
     ),
     # SmolLM2 and other plain ChatML models. (SmolLM2's template adds a default system prompt; we do not.)
     "chatml": _chatml("chatml"),
@@ -287,6 +299,7 @@ _NAME_PATTERNS: list[tuple[str, str]] = [
     (r"llama-?2\b", "llama2"),
     (r"llama-?3\b", "llama3"),
     (r"(^|/)yi-", "yi"),
+    (r"mi[sx]tral", "mistral"),
     (r"phi-?3", "phi3"),
     (r"smollm|chatml", "chatml"),
 ]
@@ -294,7 +307,7 @@ _NAME_PATTERNS: list[tuple[str, str]] = [
 _MODEL_TYPES: dict[str, str] = {
     "qwen": "qwen", "qwen2": "qwen", "qwen3": "qwen3", "qwen3_moe": "qwen3",
     "gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3", "gemma3_text": "gemma3",
-    "phi3": "phi3",
+    "phi3": "phi3", "mistral": "mistral",
 }
 
 

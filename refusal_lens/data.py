@@ -14,6 +14,7 @@ import csv
 import hashlib
 import json
 import random
+import warnings
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -171,6 +172,71 @@ def _builtin(folder: str, name: str) -> ContrastSet:
     for n, row in enumerate(_read_tsv(root / "harmless.tsv")):
         harmless.append(Instruction(row["instruction"], None, row["kind"], None, split_of(f"harmless-{n:03d}")))
     return ContrastSet(name, tuple(harmful), tuple(harmless))
+
+
+def _read_side(spec: str | Path | Sequence[str | Path]) -> dict[str, list[Instruction]] | list[Instruction]:
+    """One side of an external data set: a folder of per-split files, or one or more files pooled.
+
+    A folder holding ``train.json``, ``val.json`` and ``test.json`` (or ``<side>_train.json`` etc., as the
+    paper's ``dataset/splits/``) gives its splits as they are; anything else (files, comma-separated
+    files, or a folder of other ``*.json`` files) is pooled into one list.
+    """
+    paths = [Path(p) for p in (str(spec).split(",") if isinstance(spec, (str, Path)) else spec)]
+    if len(paths) == 1 and paths[0].is_dir():
+        folder = paths[0]
+        for pattern in ("{split}.json", "*_{split}.json"):
+            found = {name: sorted(folder.glob(pattern.format(split=name))) for name in ("train", "val", "test")}
+            if all(len(files) == 1 for files in found.values()):
+                return {name: read_instructions(files[0]) for name, files in found.items()}
+        paths = sorted(folder.glob("*.json"))
+        if not paths:
+            raise ValueError(f"{folder} holds no .json file in the refusal_direction format")
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise ValueError(f"no such data file: {', '.join(missing)}")
+    items, seen = [], set()
+    for path in paths:
+        repeated = [item.text for item in read_instructions(path) if item.text in seen]
+        if repeated:  # public benchmarks share a few behaviours (AdvBench, TDC2023, HarmBench: 9)
+            warnings.warn(f"{path.name}: {len(repeated)} instruction(s) already read from an earlier file, e.g. "
+                          f"{repeated[0][:60]!r}; each is kept once", stacklevel=3)
+        for item in read_instructions(path):
+            if item.text not in seen:
+                seen.add(item.text)
+                items.append(item)
+    return items
+
+
+def load_splits(harmful: str | Path | Sequence[str | Path] | None = None,
+                harmless: str | Path | Sequence[str | Path] | None = None, *,
+                fractions: tuple[float, float, float] = (0.6, 0.2, 0.2), seed: int = 0) -> dict[str, ContrastSet]:
+    """``train`` / ``val`` / ``test`` contrast sets for a run: the built-in ``refusal-pairs`` splits, or
+    external files in the refusal_direction format (the paper's AdvBench, TDC2023, HarmBench, Alpaca ...).
+
+    ``harmful`` and ``harmless`` each name a folder with ``train``/``val``/``test`` files (used as they
+    are), or files (a list, or comma-separated) that are pooled and split by a seeded shuffle into
+    ``fractions``. Pass both or neither. Splits are disjoint; an instruction on both sides is refused.
+    """
+    if (harmful is None) != (harmless is None):
+        raise ValueError("pass both harmful= and harmless= (files or folders), or neither for the built-in set")
+    if harmful is None:
+        return {name: load_contrast("refusal-pairs", split=name) for name in ("train", "val", "test")}
+    if abs(sum(fractions) - 1) > 1e-9 or min(fractions) < 0:
+        raise ValueError(f"fractions must be non-negative and sum to 1, got {fractions}")
+
+    def by_split(spec) -> dict[str, list[Instruction]]:
+        side = _read_side(spec)
+        if isinstance(side, dict):
+            return side
+        shuffled = random.Random(seed).sample(side, len(side))
+        n_train, n_val = round(fractions[0] * len(side)), round(fractions[1] * len(side))
+        return {"train": shuffled[:n_train], "val": shuffled[n_train : n_train + n_val],
+                "test": shuffled[n_train + n_val :]}
+
+    harmful_splits, harmless_splits = by_split(harmful), by_split(harmless)
+    name = f"{Path(str(harmful).split(',')[0]).stem}+{Path(str(harmless).split(',')[0]).stem}"
+    return {split: ContrastSet(f"{name}[{split}]", tuple(harmful_splits[split]), tuple(harmless_splits[split]))
+            for split in ("train", "val", "test")}
 
 
 def load_contrast(name_or_path: str | Path, *, split: str | Iterable[str] | None = None) -> ContrastSet:

@@ -2,16 +2,30 @@
 
 For each candidate r[pos, layer] three scores on validation prompts:
 
-* ``bypass``: mean refusal score (log-odds) on harmful prompts with the unit
-  direction ablated everywhere (lower = ablation removes refusal better);
+* ``bypass``: mean refusal score on harmful prompts with the unit direction
+  ablated everywhere (lower = ablation removes refusal better);
 * ``induce``: mean refusal score on harmless prompts with the raw vector added
   at its layer (higher = addition induces refusal);
 * ``kl``: mean KL(unmodified || ablated) of the next-token distribution on
   harmless prompts (lower = ablation leaves other behaviour alone).
 
-A candidate is kept when ``induce > induce_min`` (0), ``kl < kl_max`` (0.1) and
-``layer < max_layer_frac * n_layers`` (0.8); the kept candidate with the
-lowest bypass wins.
+The rule is the paper's (``select_direction.py`` in ``andyrdt/refusal_direction``):
+a candidate is kept when ``induce >= induce_min`` (0), ``kl <= kl_max`` (0.1
+nats) and its layer is below ``int(max_layer_frac * n_layers)`` (0.8), and the
+kept candidate with the lowest bypass wins. When none is kept the paper's code
+stops, and so does :meth:`Selection.pick`, with an error that lists the closest
+candidates. Two named deviations, both off by default and recorded on the result:
+
+* ``kl_max="null:q"``: the KL threshold is the ``q``-quantile of the KL of
+  ablating random unit directions on the same harmless prompts (see
+  :func:`random_direction_kl`). The paper's absolute 0.1 nats was set on models
+  2048-8192 wide; on a 576-wide model the median random direction already moves
+  the next token by about 0.1 nats. The null is computed before any candidate
+  is scored, from random directions only, so no candidate's score can move it.
+* ``fallback="lowest-kl"``: when no candidate passes, take the lowest-KL
+  candidate among those that bypass (``bypass < 0``: harmful prompts no longer
+  more likely refused than not) and induce (``induce >= induce_min``). It never
+  ignores KL, and the result says that the fallback produced the pick.
 
 Speed: prompts are tokenized once and the unmodified runs happen once; the
 layer filter drops candidates before any scoring; only the last position is
@@ -24,9 +38,10 @@ above the winner's. When most candidates induce refusal (measured on a few
 probes), bypass is scored for every candidate and induce and KL only for the
 ``finalists``, taken in order of bypass until at least ``n_finalists`` are
 judged and one passes; when few do, induce goes first and only the candidates
-that pass it are scored further. Either way the pick is exactly what scoring
-everything would give (``full_table=True`` scores all three for every
-candidate, for plots).
+that pass it are scored further. When nothing passes, every candidate that the
+fallback could take has been fully scored by then. Either way the pick is
+exactly what scoring everything would give (``full_table=True`` scores all
+three for every candidate, for plots).
 """
 
 from __future__ import annotations
@@ -51,6 +66,37 @@ from .metrics import LAST_POSITION_ONLY, kl_divergence, refusal_log_odds
 # Induce is scored first for every candidate when fewer than this share of the probes pass it.
 _INDUCE_FIRST_BELOW = 0.5
 _N_PROBES = 8
+FALLBACKS = ("lowest-kl",)
+PAPER_RULE = "paper: lowest bypass among candidates with induce >= min, KL <= max, layer < int(0.8 L)"
+FALLBACK_RULE = "fallback lowest-kl: lowest KL among candidates with bypass < 0 and induce >= min"
+
+
+class SelectionError(RuntimeError):
+    """No candidate passed the selection rule; the message lists the closest ones and the options."""
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The filters a selection ran with, resolved to numbers.
+
+    Attributes:
+        kl_max: a candidate passes with mean KL <= this (nats).
+        kl_rule: how ``kl_max`` was set: ``"0.1"`` (absolute, as given) or ``"null:0.5"``
+            (that quantile of the random-direction KL null).
+        induce_min: a candidate passes with mean induce score >= this (nats).
+        max_layer: candidates come from layers ``< max_layer`` (``int(max_layer_frac * n_layers)``).
+        fallback: ``None`` (the paper: stop when nothing passes) or ``"lowest-kl"``.
+    """
+
+    kl_max: float
+    kl_rule: str
+    induce_min: float
+    max_layer: int
+    fallback: str | None
+
+    def describe(self) -> str:
+        return (f"induce >= {self.induce_min:g}, KL <= {self.kl_max:.4g} ({self.kl_rule}), "
+                f"layer < {self.max_layer}")
 
 
 @dataclass
@@ -60,46 +106,62 @@ class Selection:
     Attributes:
         table: one row per candidate: ``pos``, ``layer``, ``bypass``, ``induce``, ``kl``
             (NaN where not scored), ``scored`` (judged against the filters: induce computed, and KL
-            when induce passed or ``full_table``), ``kept``.
-        best: ``(pos, layer)`` of the chosen candidate, or ``None`` if none passed.
+            when induce passed or ``full_table``), ``kept`` (passes the filters), ``reason``.
+        best: ``(pos, layer)`` chosen by :attr:`rule`, or ``None``.
+        rule: which rule produced ``best`` (:data:`PAPER_RULE` or :data:`FALLBACK_RULE`), or ``None``.
+        thresholds: the filters, resolved (:class:`Thresholds`).
         baseline: mean refusal score of the harmful and harmless prompts, unmodified.
-        win_rate: share of bootstrap resamples of the val prompts in which ``best`` wins
-            again (among the scored candidates), or ``None`` when not computed.
+        win_rate: share of bootstrap resamples of the val prompts in which the same rule picks
+            ``best`` again (among the scored candidates; the thresholds stay fixed), or ``None``.
+        null_kl: mean KL of each random unit direction ablated on the harmless prompts (the
+            threshold's null), when computed.
+        directions: the candidates that were scored.
     """
 
     table: pd.DataFrame
     best: tuple[int, int] | None
+    rule: str | None
+    thresholds: Thresholds
     baseline: dict[str, float]
     win_rate: float | None
+    null_kl: Float[Tensor, "n_directions"] | None
     directions: Directions
+
+    def pick(self) -> tuple[int, int]:
+        """``best``, or :class:`SelectionError` naming the closest candidates and the options."""
+        if self.best is None:
+            raise SelectionError(self.failure_message())
+        return self.best
 
     @property
     def direction(self) -> Float[Tensor, "d_model"]:
         """Unit vector of the chosen candidate (float64)."""
-        if self.best is None:
-            raise ValueError("no candidate passed the filters; inspect .table and relax kl_max or max_layer_frac")
-        return self.directions.direction(*self.best)
+        return self.directions.direction(*self.pick())
 
     @property
     def vector(self) -> Float[Tensor, "d_model"]:
         """Raw difference-in-means vector of the chosen candidate (for activation addition)."""
-        return self.directions.direction(*self.best, unit=False)
-
-    def pick(self) -> tuple[tuple[int, int] | None, str]:
-        """``best`` if a candidate passed; otherwise, explicitly flagged, the lowest-bypass scored
-        candidate that still induces refusal (``induce > 0``); ``(None, reason)`` if there is none."""
-        if self.best is not None:
-            return self.best, "passed the paper's filters"
-        inducing = self.table[self.table.scored & (self.table.induce > 0)].sort_values("bypass")
-        if not len(inducing):
-            return None, "no candidate passed the filters and none induces refusal"
-        return ((int(inducing.iloc[0].pos), int(inducing.iloc[0].layer)),
-                "fallback: no candidate passed KL < 0.1; lowest bypass among those with induce > 0")
+        return self.directions.direction(*self.pick(), unit=False)
 
     @property
     def best_row(self) -> pd.Series:
-        pos, layer = self.best
+        pos, layer = self.pick()
         return self.table[(self.table.pos == pos) & (self.table.layer == layer)].iloc[0]
+
+    def failure_message(self, n_closest: int = 5) -> str:
+        """Why nothing was picked: the thresholds, the closest candidates and what to do."""
+        scored = self.table[self.table.scored]
+        inducing = scored[scored.induce >= self.thresholds.induce_min].sort_values("kl")
+        closest = (inducing if len(inducing) else scored.sort_values("induce", ascending=False)).head(n_closest)
+        rows = "; ".join(f"pos {int(r.pos)} layer {int(r.layer)}: bypass {r.bypass:.2f}, induce {r.induce:.2f}, "
+                         f"KL {r.kl:.3f}" for r in closest.itertuples())
+        fallback = (f" The fallback {self.thresholds.fallback!r} found no candidate with bypass < 0 and "
+                    "induce >= min either." if self.thresholds.fallback else "")
+        return (f"no candidate passed the paper's filters ({self.thresholds.describe()}).{fallback} Closest "
+                f"{'by KL among those that induce refusal' if len(inducing) else 'by induce'}: {rows or 'none scored'}. "
+                "Options: kl_max='null:0.5' (a KL threshold at the median of random directions' KL, "
+                "fixed before scoring; `refusal-lens run --kl-max null:0.5`), fallback='lowest-kl' "
+                "(`--fallback lowest-kl`), or a looser kl_max / induce_min; see selection.csv.")
 
 
 class _Scorer:
@@ -112,7 +174,7 @@ class _Scorer:
     """
 
     def __init__(self, model, instructions: Sequence[str], batch_size: int):
-        self.model = model
+        self.model, self.n_prompts = model, len(instructions)
         self.batches = [model.chat.tokenize(instructions[s : s + batch_size]) for s in range(0, len(instructions), batch_size)]
         self.block_inputs: list[dict[int, tuple[Tensor, dict]]] = []
 
@@ -171,15 +233,161 @@ def _replay_reproduces(scorer: _Scorer, layer: int, reference: Tensor) -> bool:
     return False
 
 
+class _CandidateScores:
+    """Per-prompt scores of the candidates, each computed on first request and kept."""
+
+    def __init__(self, model, directions: Directions, harmful: _Scorer, harmless: _Scorer,
+                 harmless_reference: Tensor, replay: bool):
+        self.model, self.directions = model, directions
+        self.harmful, self.harmless, self.reference, self.replay = harmful, harmless, harmless_reference, replay
+        self.unit = directions.unit()
+        self.per_prompt: dict[tuple[int, int], dict[str, Tensor]] = {}
+
+    def mean(self, name: str, p: int, l: int) -> float:
+        """Score ``name`` (bypass, induce or kl) of candidate ``(p, l)`` (tensor indices), mean over prompts."""
+        scores = self.per_prompt.setdefault((p, l), {})
+        if name not in scores:
+            scores[name] = self._compute(name, p, l)
+        return float(scores[name].mean())
+
+    def known(self, p: int, l: int) -> dict[str, float]:
+        return {k: float(v.mean()) for k, v in self.per_prompt.get((p, l), {}).items()}
+
+    def _compute(self, name: str, p: int, l: int) -> Float[Tensor, "prompt"]:
+        model, tokens = self.model, self.model.chat.refusal_tokens
+        if name == "induce":
+            layer = self.directions.layers[l]
+            addition = add(model, self.directions.vectors[p, l], layer=layer).hooks
+            logits = self.harmless.logits_from(layer, addition) if self.replay else self.harmless.logits(addition)
+            return refusal_log_odds(logits, tokens)
+        ablation = ablate(model, self.unit[p, l]).hooks
+        if name == "bypass":
+            return refusal_log_odds(self.harmful.logits(ablation), tokens)
+        return kl_divergence(self.reference, self.harmless.logits(ablation))
+
+
+def max_candidate_layer(n_layers: int, max_layer_frac: float = 0.8) -> int:
+    """Candidates come from layers ``< int(max_layer_frac * n_layers)``: the paper's ``prune_layer_percentage``
+    filter (``layer >= int(n_layer * (1.0 - 0.2))`` is discarded), e.g. 14 of 18 layers, 19 of 24, 25 of 32."""
+    return int(max_layer_frac * n_layers)
+
+
+def _passes(scores: dict[str, float], thresholds: Thresholds) -> bool:
+    """The paper's filter (NaN or a missing score fails)."""
+    return (all(name in scores and not math.isnan(scores[name]) for name in ("bypass", "induce", "kl"))
+            and scores["induce"] >= thresholds.induce_min and scores["kl"] <= thresholds.kl_max)
+
+
+def _choose(bypass: np.ndarray, induce: np.ndarray, kl: np.ndarray, thresholds: Thresholds) -> tuple[int | None, str | None]:
+    """Index of the candidate the rule picks from mean scores (NaN = not scored = failing), and the rule used."""
+    with np.errstate(invalid="ignore"):
+        complete = np.isfinite(bypass) & np.isfinite(induce) & np.isfinite(kl)
+        inducing = complete & (induce >= thresholds.induce_min)
+        passing = inducing & (kl <= thresholds.kl_max)
+        if passing.any():
+            return int(np.argmin(np.where(passing, bypass, np.inf))), PAPER_RULE
+        if thresholds.fallback == "lowest-kl":
+            eligible = inducing & (bypass < 0)
+            if eligible.any():
+                return int(np.argmin(np.where(eligible, kl, np.inf))), FALLBACK_RULE
+    return None, None
+
+
+def _score_lazily(scores: _CandidateScores, candidates: list[tuple[int, int]], thresholds: Thresholds, *,
+                  n_finalists: int, full_table: bool, show: bool) -> None:
+    """Compute the scores the pick needs (all of them with ``full_table``), cheapest proof first.
+
+    The winner needs all three scores; any other candidate only needs the cheapest proof that it cannot
+    win: a failed induce (a replay from its layer, ~1 - layer/L of a pass), or a bypass above the winner's
+    (a full pass). Induce on a spread of probes estimates how often induce passes; if rarely, induce goes
+    first for every candidate and only those that pass get bypass. When nothing passes, the loop below
+    visits every contender, so each candidate the fallback could take has all three scores.
+    """
+    def induces(c: tuple[int, int]) -> bool:
+        return scores.mean("induce", *c) >= thresholds.induce_min
+
+    probes = [candidates[i] for i in np.linspace(0, len(candidates) - 1, min(_N_PROBES, len(candidates))).astype(int)]
+    induce_first = full_table or float(np.mean([induces(c) for c in probes])) < _INDUCE_FIRST_BELOW
+    if induce_first:
+        for c in tqdm(candidates, disable=not show, desc="induce scores", unit="candidate"):
+            scores.mean("induce", *c)
+    contenders = [c for c in candidates if full_table or not induce_first or induces(c)]
+    for c in tqdm(contenders, disable=not show, desc="bypass scores", unit="candidate"):
+        scores.mean("bypass", *c)
+    judged, passed = 0, 0
+    for c in tqdm(sorted(contenders, key=lambda c: scores.mean("bypass", *c)), disable=not show,
+                  desc="finalists (induce, KL)", unit="candidate"):
+        if not full_table and judged >= n_finalists and passed:
+            break
+        if full_table or induces(c):
+            scores.mean("kl", *c)
+        judged += 1
+        passed += _passes(scores.known(*c), thresholds)
+
+
+def _reason(valid: bool, layer: int, known: dict[str, float], thresholds: Thresholds) -> str:
+    if not valid:
+        return "zero-norm candidate"
+    if layer >= thresholds.max_layer:
+        return "layer filter"
+    induce_fails = "induce" in known and not known["induce"] >= thresholds.induce_min
+    if not induce_fails and "kl" not in known:
+        return "not a finalist (higher bypass than the winner)"
+    problems = [f"induce < {thresholds.induce_min:g}"] if induce_fails else []
+    missing = [name for name in ("bypass", "KL") if name.lower() not in known]
+    if missing:
+        problems.append(f"{' and '.join(missing)} not scored")
+    if "kl" in known and not known["kl"] <= thresholds.kl_max:
+        problems.append(f"KL > {thresholds.kl_max:.4g}")
+    return "; ".join(problems) or "kept"
+
+
+def _table(scores: _CandidateScores, thresholds: Thresholds) -> pd.DataFrame:
+    directions, rows = scores.directions, []
+    for p, pos in enumerate(directions.positions):
+        for l, layer in enumerate(directions.layers):
+            known = scores.known(p, l)
+            judged = "induce" in known and ("kl" in known or not known["induce"] >= thresholds.induce_min)
+            rows.append({"pos": pos, "layer": layer, "bypass": known.get("bypass", math.nan),
+                         "induce": known.get("induce", math.nan), "kl": known.get("kl", math.nan),
+                         "scored": judged, "kept": _passes(known, thresholds),
+                         "reason": _reason(bool(directions.valid[p, l]), layer, known, thresholds)})
+    return pd.DataFrame(rows)
+
+
+def _resolve_kl_max(kl_max: float | str, null_kl: Tensor | None) -> tuple[float, str]:
+    if isinstance(kl_max, str):
+        q = float(kl_max.removeprefix("null:"))
+        return float(torch.quantile(null_kl, q)), f"null:{q:g}"
+    return float(kl_max), f"{kl_max:g}"
+
+
+def _check_kl_max(kl_max: float | str) -> float | None:
+    """The null quantile of a ``"null:q"`` threshold, ``None`` for an absolute one; raises on anything else."""
+    if isinstance(kl_max, str):
+        try:
+            q = float(kl_max.removeprefix("null:")) if kl_max.startswith("null:") else math.nan
+        except ValueError:
+            q = math.nan
+        if not 0 <= q <= 1:
+            raise ValueError(f"kl_max={kl_max!r}: give nats (e.g. 0.1) or 'null:q' with q in [0, 1] (e.g. 'null:0.5')")
+        return q
+    if not kl_max > 0:
+        raise ValueError(f"kl_max must be > 0 nats, got {kl_max}")
+    return None
+
+
 def select_direction(
     model,
     directions: Directions,
     harmful_val: Sequence[str],
     harmless_val: Sequence[str],
     *,
-    kl_max: float = 0.1,
+    kl_max: float | str = 0.1,
     max_layer_frac: float = 0.8,
     induce_min: float = 0.0,
+    fallback: str | None = None,
+    n_null: int = 0,
     n_finalists: int = 8,
     full_table: bool = False,
     n_boot: int = 200,
@@ -189,97 +397,62 @@ def select_direction(
 ) -> Selection:
     """Score the candidates of ``directions`` on validation prompts and pick the refusal direction.
 
+    Args:
+        kl_max: the KL filter: nats (the paper's 0.1), or ``"null:q"`` for the ``q``-quantile of the
+            random-direction null (computed first, from ``n_null`` directions, 16 if ``n_null`` is 0).
+        max_layer_frac: candidates from layers ``< int(max_layer_frac * n_layers)``, as the paper.
+        induce_min: the induce filter (mean refusal score with the vector added >= this).
+        fallback: ``None`` (the paper: no pick when nothing passes) or ``"lowest-kl"``.
+        n_null: random directions for the KL null (reported in ``null_kl``; 0: none unless ``kl_max`` needs it).
+        n_finalists, full_table: how much to score beyond what the pick needs (see the module docstring).
+        n_boot, seed: bootstrap resamples of the val prompts for ``win_rate`` (0: skipped).
+
     Memory: for the induce replay, the harmless val prompts' block inputs are kept from the first
     candidate layer on, ``n_harmless x seq x d_model`` values per layer in the model's dtype (e.g.
     Qwen-1.8B, 32 prompts of 64 tokens, 24 layers, bf16: about 200 MB on the model's device).
     """
     if directions.hook != "resid_pre":
         raise ValueError(f"selection ablates and adds at resid_pre; these directions come from {directions.hook!r}")
+    if fallback is not None and fallback not in FALLBACKS:
+        raise ValueError(f"unknown fallback {fallback!r}; choose None (the paper's: stop) or one of {FALLBACKS}")
+    null_quantile = _check_kl_max(kl_max)
     harmful_val, harmless_val = check_prompts(harmful_val), check_prompts(harmless_val)
-    refusal_tokens = model.chat.refusal_tokens
     harmful, harmless = _Scorer(model, harmful_val, batch_size), _Scorer(model, harmless_val, batch_size)
-    max_layer = max_layer_frac * model.cfg.n_layers
-    unit = directions.unit()
-    candidates = [(p, l) for p, pos in enumerate(directions.positions) for l, layer in enumerate(directions.layers)
+    max_layer = max_candidate_layer(model.cfg.n_layers, max_layer_frac)
+    candidates = [(p, l) for p in range(len(directions.positions)) for l, layer in enumerate(directions.layers)
                   if directions.valid[p, l] and layer < max_layer]
     if not candidates:
-        raise ValueError(f"no valid candidate below layer {max_layer:.1f}: check the directions' layers")
+        raise ValueError(f"no valid candidate below layer {max_layer}: check the directions' layers")
     first_layer = min(directions.layers[l] for _, l in candidates)
-    harmless_reference = harmless.logits(record_from=first_layer)
-    replay = _replay_reproduces(harmless, first_layer, harmless_reference)
+    reference = harmless.logits(record_from=first_layer)
+    # The null comes first, from random directions only: no candidate has been scored yet.
+    n_null = n_null or (16 if null_quantile is not None else 0)
+    null_kl = _null_kl(model, harmless, reference, n_null, seed) if n_null else None
+    thresholds = Thresholds(*_resolve_kl_max(kl_max, null_kl), induce_min, max_layer, fallback)
+    replay = _replay_reproduces(harmless, first_layer, reference)
     if not replay:
         harmless.block_inputs.clear()
-    baseline = {
-        "harmful": float(refusal_log_odds(harmful.logits(), refusal_tokens).mean()),
-        "harmless": float(refusal_log_odds(harmless_reference, refusal_tokens).mean()),
-    }
+    tokens = model.chat.refusal_tokens
+    baseline = {"harmful": float(refusal_log_odds(harmful.logits(), tokens).mean()),
+                "harmless": float(refusal_log_odds(reference, tokens).mean())}
+    scores = _CandidateScores(model, directions, harmful, harmless, reference, replay)
     show = (len(candidates) >= 8) if progress is None else progress
-    per_prompt: dict[tuple[int, int], dict[str, Tensor]] = {c: {} for c in candidates}
+    _score_lazily(scores, candidates, thresholds, n_finalists=n_finalists, full_table=full_table, show=show)
+    table = _table(scores, thresholds)
+    means = {name: np.array([scores.known(*c).get(name, math.nan) for c in candidates]) for name in ("bypass", "induce", "kl")}
+    index, rule = _choose(means["bypass"], means["induce"], means["kl"], thresholds)
+    best = None if index is None else (directions.positions[candidates[index][0]], directions.layers[candidates[index][1]])
+    win_rate = _bootstrap_win_rate(scores, candidates, index, thresholds, n_boot, seed) \
+        if index is not None and n_boot else None
+    return Selection(table, best, rule, thresholds, baseline, win_rate, null_kl, directions)
 
-    def score(name: str, p: int, l: int) -> float:
-        """Compute one score of candidate (p, l) unless already known; return its mean over prompts."""
-        scores = per_prompt[(p, l)]
-        if name not in scores:
-            if name == "bypass":
-                logits = harmful.logits(ablate(model, unit[p, l]).hooks)
-            elif name == "induce":
-                layer = directions.layers[l]
-                addition = add(model, directions.vectors[p, l], layer=layer).hooks
-                logits = harmless.logits_from(layer, addition) if replay else harmless.logits(addition)
-            else:
-                logits = harmless.logits(ablate(model, unit[p, l]).hooks)
-            scores[name] = (kl_divergence(harmless_reference, logits) if name == "kl"
-                            else refusal_log_odds(logits, refusal_tokens))
-        return float(scores[name].mean())
 
-    def judged(scores: dict[str, Tensor]) -> bool:
-        return "induce" in scores and ("kl" in scores or float(scores["induce"].mean()) <= induce_min)
-
-    def passes(scores: dict[str, Tensor]) -> bool:  # KL is only ever scored after induce
-        return "kl" in scores and float(scores["induce"].mean()) > induce_min and float(scores["kl"].mean()) < kl_max
-
-    # Evaluation order. The winner needs all three scores; any other candidate only needs the cheapest
-    # proof that it cannot win: a failed induce (a replay from its layer, ~1 - layer/L of a pass), or a
-    # bypass above the winner's (a full pass). Induce on a spread of probes estimates how often induce
-    # passes; if rarely, induce goes first for every candidate and only those that pass get bypass.
-    probes = [candidates[i] for i in np.linspace(0, len(candidates) - 1, min(_N_PROBES, len(candidates))).astype(int)]
-    induce_rate = float(np.mean([score("induce", *c) > induce_min for c in probes]))
-    induce_first = full_table or induce_rate < _INDUCE_FIRST_BELOW
-    if induce_first:
-        for c in tqdm(candidates, disable=not show, desc="induce scores", unit="candidate"):
-            score("induce", *c)
-    contenders = [c for c in candidates if full_table or not induce_first or score("induce", *c) > induce_min]
-    for c in tqdm(contenders, disable=not show, desc="bypass scores", unit="candidate"):
-        score("bypass", *c)
-    finalists, passed = [], 0
-    for c in tqdm(sorted(contenders, key=lambda c: score("bypass", *c)), disable=not show,
-                  desc="finalists (induce, KL)", unit="candidate"):
-        if not full_table and len(finalists) >= n_finalists and passed:
-            break
-        if full_table or score("induce", *c) > induce_min:
-            score("kl", *c)
-        finalists.append(c)
-        passed += passes(per_prompt[c])
-
-    rows = []
-    for p, pos in enumerate(directions.positions):
-        for l, layer in enumerate(directions.layers):
-            scores = per_prompt.get((p, l), {})
-            mean = {k: float(v.mean()) for k, v in scores.items()}
-            rows.append({
-                "pos": pos, "layer": layer,
-                "bypass": mean.get("bypass", math.nan), "induce": mean.get("induce", math.nan),
-                "kl": mean.get("kl", math.nan), "scored": judged(scores), "kept": passes(scores),
-                "reason": _reason(directions.valid[p, l], layer, max_layer, scores, kl_max, induce_min),
-            })
-    table = pd.DataFrame(rows)
-    kept = table[table.kept].sort_values("bypass")
-    best = (int(kept.iloc[0].pos), int(kept.iloc[0].layer)) if len(kept) else None
-    scored = [c for c in candidates if judged(per_prompt[c])]
-    win_rate = _bootstrap_win_rate(per_prompt, scored, directions, best, kl_max, induce_min, n_boot, seed,
-                                   len(harmful_val)) \
-        if best is not None and n_boot else None
-    return Selection(table, best, baseline, win_rate, directions)
+def _null_kl(model, scorer: _Scorer, reference: Tensor, n_directions: int, seed: int) -> Float[Tensor, "n_directions"]:
+    """Mean KL of ablating each of ``n_directions`` seeded random unit directions (see :func:`random_direction_kl`)."""
+    generator = torch.Generator().manual_seed(seed)
+    directions = torch.randn(n_directions, model.cfg.d_model, generator=generator, dtype=torch.float64)
+    directions = directions / directions.norm(dim=-1, keepdim=True)
+    return torch.stack([kl_divergence(reference, scorer.logits(ablate(model, v).hooks)).mean() for v in directions])
 
 
 def random_direction_kl(
@@ -297,55 +470,30 @@ def random_direction_kl(
     random direction gives about the paper's 0.1-nat threshold, which was set on models 2048-8192
     wide; a few directions give over 1 nat). Direction ``k`` is row ``k`` of
     ``torch.randn(n_directions, d_model, dtype=float64)`` from a generator seeded with ``seed``,
-    normalized; ablation as :func:`~refusal_lens.interventions.ablate` (the selection's KL).
+    normalized; ablation as :func:`~refusal_lens.interventions.ablate`, KL as the selection's.
     """
     instructions = check_prompts(instructions)
     if n_directions < 1:
         raise ValueError(f"n_directions must be >= 1, got {n_directions}")
     scorer = _Scorer(model, instructions, batch_size)
-    reference = scorer.logits()
-    generator = torch.Generator().manual_seed(seed)
-    directions = torch.randn(n_directions, model.cfg.d_model, generator=generator, dtype=torch.float64)
-    directions = directions / directions.norm(dim=-1, keepdim=True)
-    return torch.stack([kl_divergence(reference, scorer.logits(ablate(model, v).hooks)).mean() for v in directions])
+    return _null_kl(model, scorer, scorer.logits(), n_directions, seed)
 
 
-def _reason(valid, layer, max_layer, scores, kl_max, induce_min) -> str:
-    if not valid:
-        return "zero-norm candidate"
-    if layer >= max_layer:
-        return "layer filter"
-    induce_fails = "induce" in scores and float(scores["induce"].mean()) <= induce_min
-    if not induce_fails and "kl" not in scores:
-        return "not a finalist (higher bypass than the winner)"
-    problems = ["induce <= threshold"] if induce_fails else []
-    missing = [name for name in ("bypass", "KL") if name.lower() not in scores]
-    if missing:
-        problems.append(f"{' and '.join(missing)} not scored")
-    if "kl" in scores and float(scores["kl"].mean()) >= kl_max:
-        problems.append("kl >= threshold")
-    return "; ".join(problems) or "kept"
+def _bootstrap_win_rate(scores: _CandidateScores, candidates: list[tuple[int, int]], best: int,
+                        thresholds: Thresholds, n_boot: int, seed: int) -> float:
+    """Share of val-prompt resamples in which the same rule (same thresholds) picks candidate ``best`` again.
 
-
-def _bootstrap_win_rate(per_prompt, scored, directions, best, kl_max, induce_min, n_boot, seed,
-                        n_harmful: int) -> float:
-    """Share of val-prompt resamples in which ``best`` is again the lowest-bypass passing finalist.
-
-    A candidate whose KL or bypass was not scored (its induce failed on all the val prompts) counts as failing.
+    A score that was not computed for a candidate (it was ruled out more cheaply) counts as failing.
     """
     rng = np.random.default_rng(seed)
-    n_harmless = len(per_prompt[scored[0]]["induce"])
-    missing = {"bypass": torch.full((n_harmful,), math.nan, dtype=torch.float64),
-               "kl": torch.full((n_harmless,), math.nan, dtype=torch.float64)}
-    stacked = {k: torch.stack([per_prompt[c].get(k, missing.get(k)) for c in scored]).numpy()
-               for k in ("bypass", "induce", "kl")}
-    names = [(directions.positions[p], directions.layers[l]) for p, l in scored]
+    n = {"bypass": scores.harmful.n_prompts, "induce": scores.harmless.n_prompts, "kl": scores.harmless.n_prompts}
+    per_prompt = {name: np.stack([scores.per_prompt.get(c, {}).get(name, torch.full((n[name],), math.nan)).numpy()
+                                  for c in candidates]) for name in ("bypass", "induce", "kl")}
     wins = 0
     for _ in range(n_boot):
-        i = rng.integers(0, n_harmful, n_harmful)
-        j = rng.integers(0, n_harmless, n_harmless)
-        bypass = stacked["bypass"][:, i].mean(1)
-        ok = (stacked["induce"][:, j].mean(1) > induce_min) & (stacked["kl"][:, j].mean(1) < kl_max)  # NaN: False
-        if ok.any() and names[int(np.argmin(np.where(ok, bypass, np.inf)))] == best:
-            wins += 1
+        i = rng.integers(0, n["bypass"], n["bypass"])
+        j = rng.integers(0, n["induce"], n["induce"])
+        index, _ = _choose(per_prompt["bypass"][:, i].mean(1), per_prompt["induce"][:, j].mean(1),
+                           per_prompt["kl"][:, j].mean(1), thresholds)
+        wins += index == best
     return wins / n_boot

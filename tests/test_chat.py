@@ -26,6 +26,7 @@ CASES = [
     ("llama3.jinja", "llama3", "<|begin_of_text|>", True),
     ("yi.jinja", "yi", "", True),
     ("phi3.jinja", "phi3", "", True),
+    ("mistral.jinja", "mistral", "<s>", True),
 ]
 
 
@@ -116,12 +117,34 @@ def test_smollm2_template_check_reports_default_system_prompt(smollm2):
         ("meta-llama/Llama-3.1-8B-Instruct", "llama3"),
         ("01-ai/Yi-6B-Chat", "yi"),
         ("microsoft/Phi-3-mini-4k-instruct", "phi3"),
+        ("mistralai/Mistral-7B-Instruct-v0.2", "mistral"),
+        ("mistralai/Mixtral-8x7B-Instruct-v0.1", "mistral"),
         ("HuggingFaceTB/SmolLM2-135M-Instruct", "chatml"),
     ],
 )
 def test_detect_family_from_hub_names(name, family):
     assert rl.detect_family(name) == family
     assert rl.chat_format(name) is FORMATS[family]
+
+
+# The paper's refusal tokens per family (andyrdt/refusal_direction, pipeline/model_utils/*_model.py):
+# QWEN_REFUSAL_TOKS ['I', 'As'], LLAMA2 [306] ('▁I', a space-led 'I'), LLAMA3 [40] 'I', GEMMA [235285] 'I',
+# YI [59597] 'I'. Families the paper did not run: ours, written down in chat.py's docstring.
+PAPER_REFUSAL_STRINGS = {"qwen": ("I", "As"), "llama2": (" I",), "llama3": ("I",), "gemma": ("I",),
+                         "gemma2": ("I",), "gemma3": ("I",), "yi": ("I",)}
+OUR_REFUSAL_STRINGS = {"qwen3": ("I", "As"), "chatml": ("I", "As"), "phi3": ("I",), "mistral": (" I",)}
+
+
+def test_refusal_strings_per_family_are_the_papers():
+    assert {**PAPER_REFUSAL_STRINGS, **OUR_REFUSAL_STRINGS} == {f: fmt.refusal_strings for f, fmt in FORMATS.items()}
+
+
+def test_refusal_strings_can_be_overridden(smollm2):
+    import dataclasses
+
+    only_i = dataclasses.replace(smollm2.chat, refusal_strings=("I",))
+    assert [smollm2.tokenizer.decode([t]) for t in only_i.refusal_tokens] == ["I"]
+    assert only_i.refusal_tokens == smollm2.chat.refusal_tokens[:1]
 
 
 def test_detect_family_falls_back_to_model_type():

@@ -123,18 +123,29 @@ def test_weight_orthogonalization_equals_hook_ablation(refusal_model):
 # -------------------------------------------------------------------- metrics
 def test_refusal_log_odds_matches_a_plain_loop():
     logits_ = torch.randn(4, 50, dtype=torch.float64) * 3
+    logits_[3, 17] = 60.0  # p within 1e-15 of 1: the paper's epsilon clips the score there
     tokens = [3, 17]
     for row in range(4):
-        exps = [math.exp(x) for x in logits_[row].tolist()]
+        exps = [math.exp(x - max(logits_[row].tolist())) for x in logits_[row].tolist()]
         p = sum(exps[t] for t in tokens) / sum(exps)
-        assert float(refusal_log_odds(logits_, tokens)[row]) == pytest.approx(math.log(p) - math.log(1 - p), rel=1e-10)
+        clipped = math.log(p + 1e-8) - math.log(1 - p + 1e-8)  # the paper's refusal_score
+        assert float(refusal_log_odds(logits_, tokens)[row]) == pytest.approx(clipped, rel=1e-9, abs=1e-9)
+        if row < 3:
+            assert float(refusal_log_odds(logits_, tokens, epsilon=0)[row]) == pytest.approx(
+                math.log(p) - math.log(1 - p), rel=1e-10)
+    assert float(refusal_log_odds(logits_, tokens)[3]) == pytest.approx(math.log(1 + 1e-8) - math.log(1e-8), rel=1e-6)
+    assert float(refusal_log_odds(logits_, tokens, epsilon=0)[3]) > 40  # the exact log-odds are not clipped
 
 
 def test_kl_matches_a_plain_loop_and_is_zero_for_no_change(tiny_model):
     a, b = torch.randn(2, 30, dtype=torch.float64), torch.randn(2, 30, dtype=torch.float64)
     for row in range(2):
         pa, pb = a[row].softmax(-1).tolist(), b[row].softmax(-1).tolist()
-        assert float(kl_divergence(a, b)[row]) == pytest.approx(sum(x * math.log(x / y) for x, y in zip(pa, pb)), rel=1e-10)
+        paper = sum(x * (math.log(x + 1e-6) - math.log(y + 1e-6)) for x, y in zip(pa, pb))  # kl_div_fn
+        assert float(kl_divergence(a, b)[row]) == pytest.approx(paper, rel=1e-10)
+        exact = sum(x * math.log(x / y) for x, y in zip(pa, pb))
+        assert float(kl_divergence(a, b, epsilon=0)[row]) == pytest.approx(exact, rel=1e-10)
+        assert paper != pytest.approx(exact, rel=1e-9)
     assert rl.kl_last_token(tiny_model, PROMPTS, hooks=rl.ablate(tiny_model, unit(64), alpha=0).hooks).abs().max() == 0
     assert rl.kl_last_token(tiny_model, PROMPTS, hooks=rl.ablate(tiny_model, unit(64)).hooks).min() > 0
 
@@ -160,14 +171,30 @@ def test_refusal_score_uses_last_position_of_padded_prompts(smollm2):
         assert float(score) == pytest.approx(float(alone), abs=1e-3)
 
 
-def test_ce_loss_equals_hugging_face_loss(smollm2):
-    text = "The quick brown fox jumps over the lazy dog near the river bank."
-    ids = smollm2.tokenizer(text, return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        reference = smollm2.original_model(ids, labels=ids).loss.item()
-    assert rl.ce_loss(smollm2, [text]) == pytest.approx(reference, abs=1e-4)
-    two = rl.ce_loss(smollm2, [text, "Short one."])  # padding must not count
-    assert math.isfinite(two) and two != pytest.approx(reference, abs=1e-6)
+def test_ce_loss_is_on_reply_tokens_only_with_one_bos(tiny_model):
+    """Against a plain loop over the HF model: each reply token's -log p given the prompt and the reply so far."""
+    instructions = ["Name a colour.", "Tell me a joke about a cat who learned to play the piano."]
+    replies = ["Blue, like the sky on a clear day.", "Why did the cat sit on the keys? To play mew-sic."]
+    tokenizer, hf = tiny_model.tokenizer, tiny_model.original_model
+    total, count, everything = 0.0, 0, []
+    for prompt, reply in zip(tiny_model.chat.format(instructions), replies):
+        context = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        target = tokenizer(reply, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([context + target])
+        with torch.no_grad():
+            logp = hf(ids).logits[0, :-1].double().log_softmax(-1)
+        nll = -logp.gather(-1, ids[0, 1:, None])[:, 0]
+        total += float(nll[len(context) - 1 :].sum())
+        count += len(target)
+        everything.append(nll)
+    ce = rl.ce_loss(tiny_model, instructions, replies)
+    assert ce == pytest.approx(total / count, rel=1e-5)
+    all_tokens = float(torch.cat(everything).mean())  # template and instruction tokens would change the value
+    assert abs(ce - all_tokens) > 1e-3
+    with pytest.raises(ValueError, match="one reply per instruction"):
+        rl.ce_loss(tiny_model, instructions, replies[:1])
+    with pytest.raises(ValueError, match="empty reply"):
+        rl.ce_loss(tiny_model, instructions, [replies[0], " "])
 
 
 # ------------------------------------------------------------------ selection
@@ -206,7 +233,7 @@ def test_lazy_selection_picks_what_full_scoring_picks(smollm2):
             known = lazy.table.dropna(subset=[column])
             torch.testing.assert_close(torch.tensor(known[column].values), torch.tensor(
                 reference.loc[list(zip(known.pos, known.layer)), column].values), rtol=1e-5, atol=1e-6)
-        failed = lazy.table[lazy.table.induce <= strict["induce_min"]]
+        failed = lazy.table[lazy.table.induce < strict["induce_min"]]
         assert len(failed) and failed.kl.isna().all() and failed.reason.str.contains("KL not scored").all()
         assert failed.bypass.isna().all() == (q == 0.75)
 
