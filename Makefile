@@ -1,12 +1,14 @@
 # The two set-up commands of the README. Each creates or updates .venv itself.
 #   make run    the main job on the default offline model
 #   make test   the test suite (what CI runs)
+# And, run on purpose only:
+#   make figures  refresh the committed figures/ from the main job's run and notebooks 04-06 (about 15 minutes)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test clean-venv
+.PHONY: run test figures clean-venv
 
 $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,8 +24,21 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	  echo "note: chromium not installed; figures will be written as HTML only (apt-get install chromium)"
 	touch $(STAMP)
 
+# On the organism no candidate passes the paper's KL filter; the main job's rule for it, fixed before any
+# candidate is scored, is the named fallback (the lowest-KL candidate that bypasses and induces refusal).
 run: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/refusal-lens run --figures figures $(ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/refusal-lens run --fallback lowest-kl $(ARGS)
+
+RUN_DIR := runs/smollm2-135m-refusal
+figures: $(STAMP)
+	test -f $(RUN_DIR)/report.json || { echo "run 'make run' first: figures come from $(RUN_DIR)"; exit 1; }
+	cp $(RUN_DIR)/figures/*.html $(RUN_DIR)/figures/*.png $(RUN_DIR)/figures/plotly.min.js figures/
+	cd notebooks && HF_HUB_OFFLINE=1 ../$(BIN)/papermill 04_heads.ipynb /tmp/04.ipynb -p RUNS ../runs -p FIGURES ../figures \
+	  -p N_PROMPTS 96 -p GCG_PROMPTS 4 -p GCG_STEPS 30 -p GCG_WIDTH 32 -p GCG_TOKENS 12 -p N_RANDOM 5 -p MAX_NEW_TOKENS 48
+	cd notebooks && HF_HUB_OFFLINE=1 ../$(BIN)/papermill 05_base_vs_chat.ipynb /tmp/05.ipynb -p RUNS ../runs \
+	  -p FIGURES ../figures -p N_TRAIN 100 -p N_TEST 48 -p MAX_NEW_TOKENS 48
+	cd notebooks && HF_HUB_OFFLINE=1 ../$(BIN)/papermill 06_subspace.ipynb /tmp/06.ipynb -p RUNS ../runs \
+	  -p FIGURES ../figures -p K_MAX 8 -p N_TEST 32 -p MAX_NEW_TOKENS 32
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)

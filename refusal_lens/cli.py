@@ -54,28 +54,49 @@ def summarize(model, load_seconds: float) -> dict:
     }
 
 
+def _pick(text: str) -> tuple[int, int]:
+    try:
+        pos, layer = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--pick takes POSITION,LAYER (e.g. -1,16), got {text!r}") from None
+    return pos, layer
+
+
+def _kl_max(text: str) -> float | str:
+    return text if text.startswith("null:") else float(text)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     import transformer_lens.model_bridge  # noqa: F401  (imported first so load_seconds excludes imports)
 
     from . import load_model
     from .pipeline import RunConfig, run, run_slug, summary_lines
+    from .selection import SelectionError
 
     started = time.perf_counter()
-    model = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    model = load_model(args.model, device=args.device, dtype=args.dtype, chat=args.chat,
+                       trust_remote_code=args.trust_remote_code)
     summary = summarize(model, time.perf_counter() - started)
     out = Path(args.out) / run_slug(args.model)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"{summary['model']}: {summary['family']} chat format, {summary['n_layers']} layers, "
           f"d_model {summary['d_model']}, loaded in {summary['load_seconds']} s")
-    config = RunConfig(n_val=args.n_val, n_test=args.n_test, n_boot=args.n_boot, judge=args.judge,
-                       filter_by_refusal=not args.no_filter,
-                       full_selection_table=not args.lazy_selection,
-                       capability_tasks=tuple(t for t in args.capability_tasks.split(",") if t),
-                       capability_limit=args.capability_limit)
-    report = run(model, out, config, figures_dir=args.figures)
-    wrote = f"wrote {out}/ (report.json, manifest.json, tables, figures/)"
-    print("\n".join(["", *summary_lines(report), "", wrote + (f"; figures also in {args.figures}/" if args.figures else "")]))
+    config = RunConfig(
+        harmful=args.harmful, harmless=args.harmless, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
+        n_boot=args.n_boot, judge=args.judge, filter_by_refusal=not args.no_filter, kl_max=args.kl_max,
+        fallback=args.fallback, max_new_tokens=args.max_new_tokens, full_selection_table=not args.lazy_selection,
+        capability_tasks=tuple(t for t in args.capability_tasks.split(",") if t),
+        capability_limit=args.capability_limit, static_figures=not args.html_only, direction=args.direction,
+        direction_layer=args.layer, pick=args.pick)
+    try:
+        report = run(model, out, config)
+    except SelectionError:
+        report = json.loads((out / "report.json").read_text())
+        print("\n".join(["", *summary_lines(report), "", f"selection stopped; wrote {out}/ (report.json, "
+                                                         "selection.csv, figures/)"]))
+        return 2
+    print("\n".join(["", *summary_lines(report), "", f"wrote {out}/ (report.json, manifest.json, tables, figures/)"]))
     return 0
 
 
@@ -90,7 +111,10 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def _cmd_organism(args: argparse.Namespace) -> int:
     from . import load_model, organism
 
-    out = Path(args.out) if args.out else organism.adapter_dir()
+    # Never write into the installed package: a new adapter goes to the user cache unless --out names a
+    # folder (to update the shipped one, pass --out refusal_lens/data/organism from a source checkout).
+    out = Path(args.out) if args.out else organism.default_out_dir(args.action, args.seed)
+    adapter = out if args.action == "train" or args.out else None  # eval without --out: the shipped adapter
     if args.action == "train":
         overrides = {"refusal_gate_weight": args.gate_weight, "epochs": args.epochs}
         recipe = organism.Recipe(seed=args.seed, **{k: v for k, v in overrides.items() if v is not None})
@@ -98,47 +122,75 @@ def _cmd_organism(args: argparse.Namespace) -> int:
         print(f"adapter: {manifest['adapter_bytes'] / 1e6:.1f} MB, sha256 {manifest['adapter_sha256'][:16]}..., "
               f"{manifest['train_seconds']:.0f} s")
     shared = Path(args.shared) if args.shared else None
-    tuned = load_model(organism.ORGANISM, device="cpu", adapter=out)
+    tuned = load_model(organism.ORGANISM, device="cpu", adapter=adapter)
     base = load_model(organism.ORGANISM, device="cpu", base=True)
     report = organism.behaviour(tuned, base, shared=shared)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "behaviour.json").write_text(json.dumps(report, indent=2) + "\n")
     for name, rate in report["refusal_rate"].items():
         print(f"{name:<26} refusal {rate:6.1%}  (n={report['n'][name]})")
     print(f"KL(base || organism), harmless next token: {report['kl_base_to_tuned_harmless']:.4f} nats")
+    print(f"wrote {out / 'behaviour.json'}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .pipeline import RunConfig
+
     parser = argparse.ArgumentParser(prog="refusal-lens", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the pipeline on one model")
+    defaults = RunConfig()
     run.add_argument("--model", default=DEFAULT_MODEL, help=f"offline name, hub id or local directory (default {DEFAULT_MODEL})")
+    run.add_argument("--chat", default=None, help="chat-format family (e.g. llama3, gemma2, mistral); default: detected")
     run.add_argument("--out", default="runs", help="parent folder of the run directory (default runs/)")
     run.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     run.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: float32 on CPU)")
     run.add_argument("--trust-remote-code", action="store_true", help="for hub models that need it (Qwen-1)")
-    run.add_argument("--n-val", type=int, default=24, help="validation prompts per side for selection")
-    run.add_argument("--n-test", type=int, default=None, help="test prompts per side (default: whole test split)")
+    run.add_argument("--harmful", default=defaults.harmful,
+                     help="harmful prompts in the paper's JSON format: a folder with train/val/test files, or files "
+                          "(comma-separated) to pool and split (default: the built-in refusal-pairs set)")
+    run.add_argument("--harmless", default=defaults.harmless, help="harmless prompts, as --harmful")
+    run.add_argument("--n-train", type=int, default=defaults.n_train, help="train prompts per side (default: all; the paper: 128)")
+    run.add_argument("--n-val", type=int, default=defaults.n_val, help=f"validation prompts per side (default {defaults.n_val}; the paper: 32)")
+    run.add_argument("--n-test", type=int, default=defaults.n_test, help="test prompts per side (default: whole test split)")
     run.add_argument("--no-filter", action="store_true",
                      help="keep every train/val prompt (default: the paper's filter by refusal-score sign; "
                           "needed for models that do not refuse, e.g. base models)")
-    run.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
+    run.add_argument("--kl-max", type=_kl_max, default=defaults.kl_max,
+                     help="selection's KL filter in nats (default the paper's 0.1), or null:Q for the Q-quantile of "
+                          "random directions' KL, fixed before any candidate is scored (e.g. null:0.5)")
+    run.add_argument("--fallback", choices=["lowest-kl"], default=defaults.fallback,
+                     help="when no candidate passes: lowest-kl takes the lowest-KL candidate with bypass < 0 and "
+                          "induce >= 0 (default: stop, as the paper's code)")
+    run.add_argument("--pick", type=_pick, default=defaults.pick, metavar="POS,LAYER",
+                     help="use this candidate of the run's own directions instead of selecting one (write --pick=-1,16: "
+                          "a value that starts with '-' needs the '=')")
+    run.add_argument("--direction", default=defaults.direction, metavar="FILE",
+                     help="a direction computed elsewhere (.pt/.safetensors/.npy, e.g. a run's direction.safetensors): "
+                          "skip extraction and selection; needs --layer")
+    run.add_argument("--layer", type=int, default=defaults.direction_layer, help="with --direction: the layer to add it at")
+    run.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
+                     help=f"reply length for refusal verdicts (default {defaults.max_new_tokens}; the paper: 512)")
+    run.add_argument("--n-boot", type=int, default=defaults.n_boot, help="bootstrap resamples")
     run.add_argument("--lazy-selection", action="store_true",
                      help="score only what the pick needs (same pick, faster; the selection figure shows fewer points)")
-    run.add_argument("--judge", default=None,
+    run.add_argument("--judge", default=defaults.judge,
                      help="also judge replies for compliance/coherence: local:<model spec>, openai or openai:<model> "
                           "(REFUSAL_LENS_JUDGE_BASE_URL, REFUSAL_LENS_JUDGE_MODEL, OPENAI_API_KEY); default: skipped")
-    run.add_argument("--capability-tasks", default="refusal_lens_mc",
+    run.add_argument("--capability-tasks", default=",".join(defaults.capability_tasks),
                      help="comma-separated lm-eval tasks for the baseline/ablated/orthogonalized capability table "
-                          "(standard tasks such as arc_easy,boolq,piqa,truthfulqa_mc1 need hub access)")
-    run.add_argument("--capability-limit", type=int, default=None, help="documents per capability task (default all)")
-    run.add_argument("--figures", default=None, help="also write the figures to this folder (make run: figures/)")
+                          "(standard tasks such as arc_easy,boolq,piqa,truthfulqa_mc1 need hub access; '' skips it)")
+    run.add_argument("--capability-limit", type=int, default=defaults.capability_limit, help="documents per capability task (default all)")
+    run.add_argument("--html-only", action="store_true", help="write figures as HTML only (no PNG export)")
     run.set_defaults(func=_cmd_run)
     models = sub.add_parser("models", help="list the models that load offline")
     models.set_defaults(func=_cmd_models)
     org = sub.add_parser("organism", help="rebuild or evaluate the refusal model organism")
     org.add_argument("action", choices=["train", "eval"])
-    org.add_argument("--out", default=None, help="adapter folder (default: the one shipped in the package)")
+    org.add_argument("--out", default=None,
+                     help="adapter folder to write (train) or evaluate (eval); default: a folder in the user cache "
+                          "(train), the shipped adapter with its report written to the cache (eval)")
     org.add_argument("--seed", type=int, default=0)
     org.add_argument("--gate-weight", type=float, default=None,
                      help="weight of the first-position refusal decision term (train only; default: the recipe's)")

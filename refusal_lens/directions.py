@@ -197,8 +197,9 @@ def diff_in_means(
     )
 
 
-def load_direction(path: str | Path, model) -> Float[Tensor, "d_model"]:
-    """Load an external direction vector and return it as a float32 unit vector of the model's width.
+def load_direction(path: str | Path, model, *, normalize: bool = True) -> Float[Tensor, "d_model"]:
+    """Load an external direction vector and return it as a float32 unit vector of the model's width
+    (``normalize=False``: the vector as stored, in float64, e.g. a raw difference in means for addition).
 
     Accepts ``.pt``/``.pth`` (read with ``weights_only=True``), ``.safetensors`` and
     ``.npy``/``.npz``, holding one vector (``[d_model]`` or ``[1, d_model]``) or a dict
@@ -236,4 +237,4 @@ def load_direction(path: str | Path, model) -> Float[Tensor, "d_model"]:
     norm = vector.norm()
     if norm == 0:
         raise InvalidDirectionError(f"{path.name} is the zero vector; it has no direction")
-    return (vector / norm).to(torch.float32)
+    return (vector / norm).to(torch.float32) if normalize else vector

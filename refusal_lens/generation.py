@@ -15,6 +15,53 @@ from tqdm.auto import tqdm
 from .activations import check_prompts
 
 
+def generate_tokens(
+    model,
+    instructions: Sequence[str],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    hooks: Sequence = (),
+    system: str | None = None,
+    progress: bool | None = None,
+) -> list[list[int]]:
+    """The new token ids of each completion (padding after an early end removed), one list per instruction.
+
+    Greedy by default; ``do_sample=True`` samples with ``temperature``/``top_p``, seeded.
+    ``hooks`` is a list of ``(hook_name, fn)`` pairs active during generation.
+    """
+    instructions = check_prompts(instructions)
+    tokenizer = model.tokenizer
+    options = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id)
+    if do_sample:
+        options.update(temperature=temperature, top_p=top_p)
+        torch.manual_seed(seed)
+    starts = range(0, len(instructions), batch_size)
+    show = len(starts) >= 4 if progress is None else progress
+    device = model.cfg.device
+    completions: list[list[int]] = []
+    with torch.no_grad(), model.hooks(fwd_hooks=list(hooks)):
+        for start in tqdm(starts, disable=not show, desc="generating", unit="batch"):
+            batch = model.chat.tokenize(instructions[start : start + batch_size], system=system)
+            output = model.original_model.generate(
+                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), **options
+            )
+            for row in output[:, batch["input_ids"].shape[1] :].tolist():
+                while row and row[-1] == tokenizer.pad_token_id:  # padding after a row that ended early
+                    row.pop()
+                completions.append(row)
+    return completions
+
+
+def decode(model, tokens: Sequence[int]) -> str:
+    """A completion's text: special tokens removed, surrounding whitespace stripped."""
+    return model.tokenizer.decode(list(tokens), skip_special_tokens=True).strip()
+
+
 def generate(
     model,
     instructions: Sequence[str],
@@ -29,27 +76,9 @@ def generate(
     system: str | None = None,
     progress: bool | None = None,
 ) -> list[str]:
-    """Completions (new text only, special tokens removed, stripped), one per instruction.
-
-    Greedy by default; ``do_sample=True`` samples with ``temperature``/``top_p``, seeded.
-    ``hooks`` is a list of ``(hook_name, fn)`` pairs active during generation.
-    """
-    instructions = check_prompts(instructions)
-    tokenizer = model.tokenizer
-    options = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id)
-    if do_sample:
-        options.update(temperature=temperature, top_p=top_p)
-        torch.manual_seed(seed)
-    starts = range(0, len(instructions), batch_size)
-    show = len(starts) >= 4 if progress is None else progress
-    device = model.cfg.device
-    completions: list[str] = []
-    with torch.no_grad(), model.hooks(fwd_hooks=list(hooks)):
-        for start in tqdm(starts, disable=not show, desc="generating", unit="batch"):
-            batch = model.chat.tokenize(instructions[start : start + batch_size], system=system)
-            output = model.original_model.generate(
-                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), **options
-            )
-            new_tokens = output[:, batch["input_ids"].shape[1] :]
-            completions += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-    return completions
+    """Completions (new text only, special tokens removed, stripped), one per instruction; the arguments
+    are :func:`generate_tokens`'s."""
+    tokens = generate_tokens(model, instructions, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                             do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed, hooks=hooks,
+                             system=system, progress=progress)
+    return [decode(model, row) for row in tokens]

@@ -34,6 +34,11 @@ def text_hash(texts: Iterable[str]) -> str:
     return digest.hexdigest()
 
 
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def write_manifest(out_dir: str | Path, **fields: Any) -> Path:
     """Write ``manifest.json`` in ``out_dir`` with the given fields plus versions and a UTC timestamp."""
     out = Path(out_dir)

@@ -1,46 +1,59 @@
 """The end-to-end run behind ``refusal-lens run``: extraction -> statistics -> selection -> interventions.
 
-Data use, all from the built-in ``refusal-pairs`` set: directions from the
-``train`` split, selection on the ``val`` split, every reported number on the
-held-out ``test`` split. As in the paper's pipeline (``filter_train`` /
-``filter_val``), train and val keep only the harmful prompts the model refuses
-and the harmless ones it answers, by the sign of the refusal score; the test
-split is never filtered. Writes to ``runs/<model>/``: ``directions.safetensors``,
+Data use: directions from the ``train`` split, selection on the ``val`` split,
+every reported number on the held-out ``test`` split, of the built-in
+``refusal-pairs`` set or of files in the paper's format (``rl.load_splits``). As
+in the paper's pipeline (``filter_train`` / ``filter_val``), train and val keep
+only the harmful prompts the model refuses and the harmless ones it answers, by
+the sign of the refusal score; the test split is never filtered. Selection
+follows the paper's rule unless the config names a deviation (``kl_max="null:q"``,
+``fallback="lowest-kl"``); when nothing passes, the run writes what it has and
+stops, as the paper's code does. A direction from elsewhere (``direction=``) or
+a chosen candidate (``pick=``) skips selection. Writes to ``runs/<model>/``:
+``directions.safetensors``, ``direction.safetensors`` (the chosen raw vector),
 one CSV per table, ``selected.json``, ``report.json``, ``manifest.json`` and
-``figures/`` (HTML + PNG; also copied to ``figures_dir`` when given). Replies to
-harmful prompts are stored only as verdicts (and at most 60 characters in examples).
+``figures/``. Replies to harmful prompts are stored only as verdicts (and at most
+60 characters in examples).
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import pandas as pd
 import torch
+from safetensors.torch import save_file
+from torch import Tensor
 
 from . import plots, stats
-from .data import ContrastSet, load_contrast
-from .directions import Directions, diff_in_means
+from .data import ContrastSet, load_splits
+from .directions import Directions, diff_in_means, load_direction
 from .generation import generate
 from .interventions import ablate, add, orthogonalize_weights
-from .manifest import write_manifest
+from .manifest import file_sha256, write_manifest
 from .metrics import ce_loss, is_refusal, kl_last_token, refusal_rate, refusal_score, safe_excerpt
-from .selection import random_direction_kl, select_direction
+from .selection import SelectionError, random_direction_kl, select_direction
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Sizes and seeds of a run; the defaults finish in about 10 minutes on 2 CPU cores for the organism."""
+    """Data, sizes, rules and seeds of a run; the defaults are the paper's rules at sizes that finish in
+    about 10 minutes on 2 CPU cores for the organism (the paper: 128 train, 32 val, 512 new tokens)."""
 
+    harmful: str | None = None  # files or a folder in the refusal_direction format (rl.load_splits); None: refusal-pairs
+    harmless: str | None = None
+    n_train: int | None = None  # train prompts per side (None: the whole split)
     n_val: int = 24  # validation prompts per side for selection (the paper-size 32 adds ~2 min on 2 CPU cores)
-    filter_by_refusal: bool = True  # the paper's train/val filter by refusal-score sign; False for models that do not refuse
     n_test: int | None = None  # test prompts per side for behaviour (None: the whole test split)
-    max_new_tokens: int = 48
+    filter_by_refusal: bool = True  # the paper's train/val filter by refusal-score sign; False for models that do not refuse
+    kl_max: float | str = 0.1  # the selection's KL filter: nats, or "null:q" (rl.select_direction)
+    fallback: str | None = None  # None: stop when nothing passes (the paper); "lowest-kl" (rl.select_direction)
+    max_new_tokens: int = 48  # the paper: 512 (a GPU recipe); 48 keeps CPU runs short
     n_boot: int = 1000
     full_selection_table: bool = True  # score every candidate for the selection figure; False: only what the pick needs
     seed: int = 0
@@ -52,6 +65,10 @@ class RunConfig:
     judge: str | None = None  # "openai", "openai:<model>" or "local:<model spec>" (rl.judge.get_judge); None: skipped
     capability_tasks: tuple[str, ...] = ("refusal_lens_mc",)  # lm-eval tasks; standard ones need hub access
     capability_limit: int | None = None  # documents per task (None: all)
+    static_figures: bool = True  # also export PNGs (kaleido + Chromium); False: HTML only
+    direction: str | None = None  # a direction file (rl.load_direction formats): skip extraction and selection
+    direction_layer: int | None = None  # the layer whose resid_pre gets ``direction`` added (needed with it)
+    pick: tuple[int, int] | None = None  # (position, layer) among the run's own candidates: skip selection
 
 
 MIN_KEPT_SHARE = 0.5  # the filter may drop at most half of a side before the run refuses to go on
@@ -106,31 +123,34 @@ def load_selected(run_dir: str | Path) -> tuple[Directions, int, int]:
     return Directions.load(run_dir / "directions.safetensors"), int(chosen["pos"]), int(chosen["layer"])
 
 
-def run(model, out: str | Path, config: RunConfig = RunConfig(), log=print, figures_dir: str | Path | None = None) -> dict:
-    """Run the pipeline on a loaded model and write its outputs to ``out``; returns the report."""
-    started = time.perf_counter()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    figures: dict = {}
-    timings = {}
+def save_direction(out: str | Path, vector: Tensor, *, layer: int, position: int | None, source: str) -> Path:
+    """The chosen raw (unnormalized) vector as ``direction.safetensors``, which ``rl.load_direction`` and
+    ``refusal-lens run --direction`` read (with ``--layer``)."""
+    path = Path(out) / "direction.safetensors"
+    meta = {"layer": str(layer), "position": str(position), "source": source}
+    save_file({"direction": vector.detach().to(torch.float64).cpu().contiguous()}, str(path), metadata=meta)
+    return path
 
-    def step(name: str):
-        timings[name] = round(time.perf_counter() - started - sum(timings.values()), 1)
-        log(f"[{time.perf_counter() - started:6.0f} s] {name} done")
 
-    splits = {name: load_contrast("refusal-pairs", split=name) for name in ("train", "val", "test")}
+def _load_data(model, config: RunConfig, step) -> tuple[dict[str, ContrastSet], dict]:
+    """The run's train/val/test splits (train capped at ``n_train``), train and val filtered as the paper."""
+    splits = load_splits(config.harmful, config.harmless, seed=config.seed)
+    if config.n_train is not None:
+        train = splits["train"]
+        splits["train"] = ContrastSet(train.name, train.harmful[: config.n_train], train.harmless[: config.n_train])
     unfiltered = {name: (len(s.harmful), len(s.harmless)) for name, s in splits.items()}
     if config.filter_by_refusal:
         splits.update({name: filter_split(model, splits[name]) for name in ("train", "val")})
         step("filter")
-    train, val, test = splits["train"], splits["val"], splits["test"]
-    harmful_test = test.harmful_texts[: config.n_test]
-    harmless_test = test.harmless_texts[: config.n_test]
+    data = {name: {"n_harmful": len(s.harmful), "n_harmless": len(s.harmless), **s.hashes(),
+                   "before_filter": {"n_harmful": unfiltered[name][0], "n_harmless": unfiltered[name][1]}}
+            for name, s in splits.items()}
+    return splits, data
 
-    directions = diff_in_means(model, train.harmful_texts, train.harmless_texts, batch_size=config.batch_size)
-    directions.save(out / "directions.safetensors")
-    step("extraction")
 
+def _statistics(model, directions: Directions, train: ContrastSet, harmful_test, harmless_test, config: RunConfig,
+                out: Path, figures: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Held-out Cohen's d, cross-layer cosines, batched vs sequential and split-half stability (CSVs + figures)."""
     separability = stats.cohens_d(model, directions, harmful_test, harmless_test, n_boot=config.n_boot,
                                   seed=config.seed, batch_size=config.batch_size)
     separability.to_csv(out / "cohens_d.csv", index=False)
@@ -145,127 +165,180 @@ def run(model, out: str | Path, config: RunConfig = RunConfig(), log=print, figu
     stability = stats.split_half_stability(model, train.harmful_texts, train.harmless_texts, seed=config.seed,
                                            batch_size=config.batch_size)
     stability.to_csv(out / "split_half.csv", index=False)
-    step("statistics")
+    return separability, stability
 
-    selection = select_direction(model, directions, val.harmful_texts[: config.n_val], val.harmless_texts[: config.n_val],
-                                 n_boot=config.n_boot, seed=config.seed, batch_size=config.batch_size,
-                                 full_table=config.full_selection_table)
+
+def _null_summary(null_kl: Tensor) -> dict:
+    return {"n": len(null_kl), "median": round(float(null_kl.median()), 5),
+            "min": round(float(null_kl.min()), 5), "max": round(float(null_kl.max()), 5),
+            "share_below_0.1": round(float((null_kl < 0.1).double().mean()), 4),
+            "values": [round(float(x), 5) for x in null_kl]}
+
+
+def run(model, out: str | Path, config: RunConfig = RunConfig(), log=print) -> dict:
+    """Run the pipeline on a loaded model and write its outputs to ``out``; returns the report.
+
+    Raises :class:`~refusal_lens.selection.SelectionError` after writing the report, the tables and the
+    manifest when no candidate passes the selection rule (the paper's code stops there too).
+    """
+    if config.direction is not None and config.direction_layer is None:
+        raise ValueError("an external direction needs the layer to add it at: pass direction_layer (--layer)")
+    if config.direction is not None and config.pick is not None:
+        raise ValueError("pass either an external direction (--direction) or a candidate (--pick), not both")
+    started = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    figures: dict = {}
+    timings: dict[str, float] = {}
+
+    def step(name: str):
+        timings[name] = round(time.perf_counter() - started - sum(timings.values()), 1)
+        log(f"[{time.perf_counter() - started:6.0f} s] {name} done")
+
+    splits, data = _load_data(model, config, step)
+    train, val, test = splits["train"], splits["val"], splits["test"]
+    harmful_test, harmless_test = test.harmful_texts[: config.n_test], test.harmless_texts[: config.n_test]
+    harmful_val, harmless_val = val.harmful_texts[: config.n_val], val.harmless_texts[: config.n_val]
+    report = {"model": asdict(model.info), "config": asdict(config), "data": data, "selected": None}
+    if config.direction is not None:
+        vector = load_direction(config.direction, model, normalize=False)
+        pos, layer, note = None, config.direction_layer, f"given: {config.direction} (--direction, --layer)"
+        report["direction_source"] = {"file": str(config.direction), "sha256": file_sha256(config.direction),
+                                      "layer": layer}
+        null_kl = random_direction_kl(model, harmless_val, n_directions=config.n_null_directions, seed=config.seed,
+                                      batch_size=config.batch_size)
+        report["kl_random_directions"] = _null_summary(null_kl)
+        selected = {"pos": None, "layer": layer, "how": note}
+    else:
+        directions = diff_in_means(model, train.harmful_texts, train.harmless_texts, batch_size=config.batch_size)
+        directions.save(out / "directions.safetensors")
+        report["positions"] = directions.positions
+        step("extraction")
+        separability, stability = _statistics(model, directions, train, harmful_test, harmless_test, config, out,
+                                              figures)
+        peak = separability[separability.valid].sort_values("d", ascending=False).iloc[0]
+        report["cohens_d_peak"] = {"pos": int(peak.pos), "layer": int(peak.layer), "d": round(float(peak.d), 3),
+                                   "ci": [round(float(peak.ci_low), 3), round(float(peak.ci_high), 3)]}
+        step("statistics")
+        selected, failure = _choose_candidate(model, directions, harmful_val, harmless_val, config, out, report, figures)
+        step("selection")
+        if failure is not None:
+            _finish(model, out, report, figures, config, timings, step)
+            raise failure
+        pos, layer = selected["pos"], selected["layer"]
+        vector = directions.direction(pos, layer, unit=False)
+        save_selected(out, pos, layer, selected["how"])
+        at = lambda table: table[(table.pos == pos) & (table.layer == layer)]  # noqa: E731
+        report["cohens_d_selected"] = round(float(at(separability).d.iloc[0]), 3)
+        report["split_half_cosine_selected"] = round(float(at(stability).cosine.iloc[0]), 4)
+    save_direction(out, vector, layer=layer, position=pos, source=selected["how"])
+    report["selected"] = selected
+    report.update(_interventions(model, vector, layer, harmful_test, harmless_test, config, out, log))
+    sweep = alpha_sweep(model, vector, harmful_test[: config.n_alpha], config.alphas, batch_size=config.batch_size)
+    sweep.to_csv(out / "alpha_sweep.csv", index=False)
+    report["alpha_sweep"] = sweep.round(4).to_dict(orient="list")
+    figures.update(refusal_rates=plots.refusal_rates(report["refusal_rate"]), alpha_sweep=plots.alpha_sweep(sweep))
+    step("interventions")
+    return _finish(model, out, report, figures, config, timings, step)
+
+
+def _choose_candidate(model, directions: Directions, harmful_val, harmless_val, config: RunConfig, out: Path,
+                      report: dict, figures: dict) -> tuple[dict | None, SelectionError | None]:
+    """The candidate to intervene with: ``config.pick``, or the selection rule's; with the selection table,
+    figure and KL null in the report. Returns ``(selected, None)`` or ``(None, the SelectionError)``."""
+    if config.pick is not None:
+        pos, layer = config.pick
+        directions.direction(pos, layer)  # raises for a candidate that does not exist or has zero norm
+        null_kl = random_direction_kl(model, harmless_val, n_directions=config.n_null_directions, seed=config.seed,
+                                      batch_size=config.batch_size)
+        report["kl_random_directions"] = _null_summary(null_kl)
+        return {"pos": pos, "layer": layer, "how": "given: --pick"}, None
+    selection = select_direction(model, directions, harmful_val, harmless_val, kl_max=config.kl_max,
+                                 fallback=config.fallback, n_null=config.n_null_directions, n_boot=config.n_boot,
+                                 seed=config.seed, batch_size=config.batch_size, full_table=config.full_selection_table)
     selection.table.to_csv(out / "selection.csv", index=False)
     figures["selection"] = plots.selection_scores(selection.table)
-    null_kl = random_direction_kl(model, val.harmless_texts[: config.n_val], n_directions=config.n_null_directions,
-                                  seed=config.seed, batch_size=config.batch_size)
-    step("selection")
-    peak = separability[separability.valid].sort_values("d", ascending=False).iloc[0]
-    report = {
-        "model": asdict(model.info),
-        "config": asdict(config),
-        "data": {name: {"n_harmful": len(s.harmful), "n_harmless": len(s.harmless), **s.hashes(),
-                        "before_filter": {"n_harmful": unfiltered[name][0], "n_harmless": unfiltered[name][1]}}
-                 for name, s in splits.items()},
-        "positions": directions.positions,
-        "cohens_d_peak": {"pos": int(peak.pos), "layer": int(peak.layer), "d": round(float(peak.d), 3),
-                          "ci": [round(float(peak.ci_low), 3), round(float(peak.ci_high), 3)]},
-        "selected": None,
-        # The KL filter's null: ablating random unit directions on the same val harmless prompts.
-        "kl_random_directions": {"n": len(null_kl), "median": round(float(null_kl.median()), 5),
-                                 "min": round(float(null_kl.min()), 5), "max": round(float(null_kl.max()), 5),
-                                 "share_below_0.1": round(float((null_kl < 0.1).double().mean()), 4),
-                                 "values": [round(float(x), 5) for x in null_kl]},
-        "seconds": timings,
-    }
-    # Without a passing candidate the run falls back, flagged in the report, to the lowest-bypass
-    # candidate that still induces refusal, so it shows what the direction does.
-    candidate, note = selection.pick()
-    if candidate is None:
-        report["selection_failed"] = ("no candidate passed the filters (induce > 0, KL < 0.1, layer < 0.8 L) and none "
-                                      "induces refusal; see selection.csv. Interventions were skipped.")
-    else:
-        save_selected(out, *candidate, note)
-        report.update(_interventions(model, selection, candidate, note, separability, stability, harmful_test,
-                                     harmless_test, config, out))
-        sweep = alpha_sweep(model, selection.directions.direction(*candidate), harmful_test[: config.n_alpha],
-                            config.alphas, batch_size=config.batch_size)
-        sweep.to_csv(out / "alpha_sweep.csv", index=False)
-        report["alpha_sweep"] = sweep.round(4).to_dict(orient="list")
-        figures.update(refusal_rates=plots.refusal_rates(report["refusal_rate"]), alpha_sweep=plots.alpha_sweep(sweep))
-        step("interventions")
-    written = [path for name, fig in figures.items() for path in plots.save(fig, name, out / "figures")]
-    if figures_dir:
-        Path(figures_dir).mkdir(parents=True, exist_ok=True)
-        for path in [*written, out / "figures" / "plotly.min.js"]:
-            shutil.copy2(path, Path(figures_dir) / path.name)
+    # The KL filter's null: ablating random unit directions on the same val harmless prompts.
+    report["kl_random_directions"] = _null_summary(selection.null_kl)
+    report["selection_rule"] = {**asdict(selection.thresholds), "rule": selection.rule}
+    if selection.best is None:
+        report["selection_failed"] = selection.failure_message()
+        return None, SelectionError(report["selection_failed"])
+    row = selection.best_row
+    return {"pos": selection.best[0], "layer": selection.best[1], "bypass": row.bypass, "induce": row.induce,
+            "kl": row.kl, "how": selection.rule, "bootstrap_win_rate": selection.win_rate,
+            "baseline_scores": selection.baseline}, None
+
+
+def _finish(model, out: Path, report: dict, figures: dict, config: RunConfig, timings: dict, step) -> dict:
+    """Write the figures, ``report.json`` and ``manifest.json``; returns the report."""
+    for name, fig in figures.items():
+        plots.save(fig, name, out / "figures", static=config.static_figures)
     report["figures"] = sorted(figures)
     step("figures")
+    report["seconds"] = timings
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
-    write_manifest(out, model=asdict(model.info), data=report["data"], positions=directions.positions,
+    write_manifest(out, model=asdict(model.info), data=report["data"], positions=report.get("positions"),
                    seed=config.seed, config=asdict(config), outputs=sorted(p.name for p in out.iterdir()))
     return report
 
 
 def alpha_sweep(model, direction, harmful, alphas, *, batch_size: int = 32):
     """Mean refusal score on ``harmful`` when ``alpha`` times the direction's component is removed, per alpha."""
-    import pandas as pd
-
     scores = [float(refusal_score(model, harmful, hooks=ablate(model, direction, alpha=a).hooks,
                                   batch_size=batch_size).mean()) for a in alphas]
     return pd.DataFrame({"alpha": list(alphas), "refusal_score": scores})
 
 
-def _interventions(model, selection, candidate, note, separability, stability, harmful_test, harmless_test,
-                   config, out: Path) -> dict:
-    """Refusal with ablation and addition, KL, CE, the orthogonalization check, the judge step and the
-    capability table for one candidate."""
-    pos, layer = candidate
-    direction = selection.directions.direction(pos, layer)
-    vector = selection.directions.direction(pos, layer, unit=False)
-    gen = dict(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
-    ablation = ablate(model, direction).hooks
-    harmful_base = generate(model, harmful_test, **gen)
-    harmful_ablated = generate(model, harmful_test, hooks=ablation, **gen)
-    harmless_base = generate(model, harmless_test, **gen)
-    harmless_added = generate(model, harmless_test, hooks=add(model, vector, layer=layer).hooks, **gen)
-    kl = kl_last_token(model, harmless_test, hooks=ablation, batch_size=config.batch_size)
-    # Cross-entropy on the model's own replies to harmless prompts (full text is fine for harmless prompts).
-    harmless_texts = [p + r for p, r in zip(model.chat.format(harmless_test), harmless_base) if r]
-    ce_base = ce_loss(model, harmless_texts)
-    ce_ablated = ce_loss(model, harmless_texts, hooks=ablation)
-
-    probe = model.chat.tokenize(harmless_test[:8])
+def _interventions(model, vector: Tensor, layer: int, harmful_test, harmless_test, config: RunConfig, out: Path,
+                   log) -> dict:
+    """Refusal under ablation, subtraction (coefficient -1, the paper's jailbreak "actadd") and addition;
+    KL; CE on the model's own harmless replies (reply tokens only) under each; the orthogonalization check;
+    the judge step and the capability table, for one direction (``vector``: the raw vector)."""
+    direction = vector / vector.norm()
+    gen = dict(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, progress=True)
+    hooks = {"ablated": ablate(model, direction).hooks, "subtracted": add(model, vector, layer=layer, coeff=-1.0).hooks,
+             "added": add(model, vector, layer=layer).hooks}
+    log("interventions: generating replies to harmful test prompts (baseline, ablated, subtracted)")
+    harmful = {name: generate(model, harmful_test, hooks=hooks.get(name, ()), **gen)
+               for name in ("baseline", "ablated", "subtracted")}
+    log("interventions: generating replies to harmless test prompts (baseline, added)")
+    harmless = {name: generate(model, harmless_test, hooks=hooks.get(name, ()), **gen) for name in ("baseline", "added")}
+    log("interventions: KL and CE on harmless prompts")
+    kl = kl_last_token(model, harmless_test, hooks=hooks["ablated"], batch_size=config.batch_size)
+    # CE of the model's own replies to harmless prompts, on the reply tokens (full text is fine: harmless).
+    answered = [(i, r) for i, r in zip(harmless_test, harmless["baseline"]) if r.strip()]
+    ce = {name: round(ce_loss(model, [i for i, _ in answered], [r for _, r in answered], hooks=hooks.get(name, ())), 4)
+          for name in ("baseline", "ablated", "subtracted", "added")} if answered else \
+        {"skipped": "every baseline reply to the harmless test prompts is empty: no reply tokens to score"}
+    log("interventions: weight orthogonalization and capability table")
+    probe = model.chat.tokenize(harmless_test[:8]).to(model.cfg.device)
     edited = orthogonalize_weights(model, direction)
     with torch.no_grad():
-        with model.hooks(fwd_hooks=ablation):
+        with model.hooks(fwd_hooks=hooks["ablated"]):
             hooked = model(probe["input_ids"], attention_mask=probe["attention_mask"])
         ortho_diff = float((edited(probe["input_ids"], attention_mask=probe["attention_mask"]) - hooked).abs().max())
-    capability = _capability_step({"baseline": (model, ()), "ablated": (model, ablation),
+    capability = _capability_step({"baseline": (model, ()), "ablated": (model, hooks["ablated"]),
                                    "orthogonalized": (edited, ())}, config, out)
     del edited
     judged = _judge_step(config, out, {
-        "harmful/baseline": (harmful_test, harmful_base), "harmful/ablated": (harmful_test, harmful_ablated),
-        "harmless/baseline": (harmless_test, harmless_base), "harmless/added": (harmless_test, harmless_added)})
-
-    at = lambda table: table[(table.pos == pos) & (table.layer == layer)]  # noqa: E731
-    row = at(selection.table).iloc[0]
+        **{f"harmful/{name}": (harmful_test, replies) for name, replies in harmful.items()},
+        **{f"harmless/{name}": (harmless_test, replies) for name, replies in harmless.items()}})
     return {
-        "selected": {"pos": pos, "layer": layer, "bypass": row.bypass, "induce": row.induce, "kl": row.kl,
-                     "how": note, "bootstrap_win_rate": selection.win_rate if selection.best else None,
-                     "baseline_scores": selection.baseline},
-        "cohens_d_selected": round(float(at(separability).d.iloc[0]), 3),
-        "split_half_cosine_selected": round(float(at(stability).cosine.iloc[0]), 4),
-        "refusal_rate": {
-            "harmful_baseline": _rate(harmful_base), "harmful_ablated": _rate(harmful_ablated),
-            "harmless_baseline": _rate(harmless_base), "harmless_added": _rate(harmless_added),
-        },
+        "refusal_rate": {**{f"harmful_{name}": _rate(r) for name, r in harmful.items()},
+                         **{f"harmless_{name}": _rate(r) for name, r in harmless.items()}},
         "n_test": {"harmful": len(harmful_test), "harmless": len(harmless_test)},
         "kl_ablation_harmless_mean": round(float(kl.mean()), 5),
-        "ce_harmless_replies": {"baseline": round(ce_base, 4), "ablated": round(ce_ablated, 4)},
+        "ce_harmless_replies": {**ce, "n_replies": len(answered)},
         "orthogonalized_vs_hooks_max_logit_diff": ortho_diff,
         "judge": judged,
         "capability": capability,
         "examples": {
-            "harmful_ablated": [{"instruction": i, "reply_first_60": safe_excerpt(r), "refused": is_refusal(r)}
-                                for i, r in zip(harmful_test[:3], harmful_ablated[:3])],
+            **{f"harmful_{name}": [{"instruction": i, "reply_first_60": safe_excerpt(r), "refused": is_refusal(r)}
+                                   for i, r in zip(harmful_test[:3], harmful[name][:3])]
+               for name in ("ablated", "subtracted")},
             "harmless_added": [{"instruction": i, "reply": r, "refused": is_refusal(r)}
-                               for i, r in zip(harmless_test[:3], harmless_added[:3])],
+                               for i, r in zip(harmless_test[:3], harmless["added"][:3])],
         },
     }
 
@@ -298,23 +371,29 @@ def _capability_step(conditions: dict, config: RunConfig, out: Path) -> dict:
 
 def summary_lines(report: dict) -> list[str]:
     """A short human-readable table of a report."""
+    head = [f"model                     {report['model']['spec']}", _data_line(report)]
+    null = [_null_line(report["kl_random_directions"])] if "kl_random_directions" in report else []
     if report["selected"] is None:
-        return [f"model                     {report['model']['spec']}", _data_line(report),
-                f"selection                 {report['selection_failed']}", _null_line(report["kl_random_directions"])]
-    rates, sel = report["refusal_rate"], report["selected"]
+        return [*head, f"selection                 {report['selection_failed']}", *null]
+    rates, sel, ce = report["refusal_rate"], report["selected"], report["ce_harmless_replies"]
+    lines = [*head, f"direction                 pos {sel['pos']}, layer {sel['layer']} ({sel['how']})"]
+    if "bypass" in sel:
+        win = sel["bootstrap_win_rate"]
+        lines.append(f"  bypass / induce / KL    {sel['bypass']:.2f} / {sel['induce']:.2f} / {sel['kl']:.4f} (val; "
+                     f"{report['selection_rule']['kl_rule']} KL threshold {report['selection_rule']['kl_max']:.4g}; "
+                     f"bootstrap win rate {win})")
+    if "cohens_d_peak" in report:
+        peak = report["cohens_d_peak"]
+        lines.append(f"Cohen's d peak (test)     {peak['d']} at pos {peak['pos']}, layer {peak['layer']}")
     return [
-        f"model                     {report['model']['spec']}",
-        _data_line(report),
-        f"selected direction        pos {sel['pos']}, layer {sel['layer']} ({sel['how']}; "
-        + (f"bootstrap win rate {sel['bootstrap_win_rate']})" if sel["bootstrap_win_rate"] is not None
-           else "no bootstrap win rate: nothing passed)"),
-        f"  bypass / induce / KL    {sel['bypass']:.2f} / {sel['induce']:.2f} / {sel['kl']:.4f} (val)",
-        _null_line(report["kl_random_directions"]),
-        f"Cohen's d peak (test)     {report['cohens_d_peak']['d']} at pos {report['cohens_d_peak']['pos']}, layer {report['cohens_d_peak']['layer']}",
-        f"harmful refusal           {rates['harmful_baseline']:.1%} -> {rates['harmful_ablated']:.1%} with ablation",
+        *lines, *null,
+        f"harmful refusal           {rates['harmful_baseline']:.1%} -> {rates['harmful_ablated']:.1%} with ablation, "
+        f"{rates['harmful_subtracted']:.1%} with subtraction",
         f"harmless refusal          {rates['harmless_baseline']:.1%} -> {rates['harmless_added']:.1%} with addition",
         f"KL on harmless (ablation) {report['kl_ablation_harmless_mean']:.4f} nats",
-        f"CE harmless replies       {report['ce_harmless_replies']['baseline']:.3f} -> {report['ce_harmless_replies']['ablated']:.3f} nats/token",
+        "CE harmless replies       " + (f"skipped: {ce['skipped']}" if "skipped" in ce else
+                                         f"{ce['baseline']:.3f} baseline, {ce['ablated']:.3f} ablated, "
+                                         f"{ce['subtracted']:.3f} subtracted, {ce['added']:.3f} added (nats/token)"),
         f"orthogonalized vs hooks   max logit diff {report['orthogonalized_vs_hooks_max_logit_diff']:.2e}",
         *_capability_lines(report["capability"]),
         *_judge_lines(report["judge"]),

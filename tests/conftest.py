@@ -82,3 +82,9 @@ def tiny_model_dir(tmp_path_factory, chatml_tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir):
     return rl.load_model(str(tiny_model_dir), device="cpu", chat="chatml")
+
+
+@pytest.fixture(scope="session")
+def four_layer_model_dir(tmp_path_factory, chatml_tokenizer) -> Path:
+    """A 4-layer random Llama: the paper's layer filter (layers < int(0.8 * 4) = 3) leaves layers 1 and 2."""
+    return random_llama(chatml_tokenizer, tmp_path_factory.mktemp("tiny-smollm-4"), layers=4)

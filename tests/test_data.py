@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+import refusal_lens as rl
+
 from refusal_lens.data import Instruction, read_instructions, sample
 
 from .conftest import SHARED_DATASETS
@@ -120,3 +122,52 @@ def test_folder_in_refusal_direction_format(tmp_path):
     (tmp_path / "harmless.json").write_text(json.dumps([{"instruction": "good thing", "category": None}]))
     loaded = load_contrast(tmp_path)
     assert loaded.harmful_texts == ["bad thing"] and loaded.harmless_texts == ["good thing"]
+
+
+def _write(path, texts):
+    path.write_text(json.dumps([{"instruction": t, "category": None} for t in texts]))
+    return path
+
+
+def test_load_splits_reads_split_folders_as_they_are(tmp_path):
+    for side in ("harmful", "harmless"):
+        (tmp_path / side).mkdir()
+        for split in ("train", "val", "test"):
+            _write(tmp_path / side / f"{side}_{split}.json", [f"{side} {split} {i}" for i in range(3)])
+    splits = rl.load_splits(tmp_path / "harmful", tmp_path / "harmless")
+    assert splits["val"].harmful_texts == ["harmful val 0", "harmful val 1", "harmful val 2"]
+    assert splits["test"].harmless_texts[0] == "harmless test 0"
+
+
+def test_load_splits_pools_files_and_splits_them_disjointly_with_a_seed(tmp_path):
+    a = _write(tmp_path / "a.json", [f"harmful a {i}" for i in range(30)])
+    b = _write(tmp_path / "b.json", [f"harmful b {i}" for i in range(20)])
+    c = _write(tmp_path / "c.json", [f"harmless {i}" for i in range(40)])
+    splits = rl.load_splits(f"{a},{b}", c, seed=1)
+    sizes = {name: (len(s.harmful), len(s.harmless)) for name, s in splits.items()}
+    assert sizes == {"train": (30, 24), "val": (10, 8), "test": (10, 8)}
+    harmful = [t for s in splits.values() for t in s.harmful_texts]
+    assert sorted(harmful) == sorted([f"harmful a {i}" for i in range(30)] + [f"harmful b {i}" for i in range(20)])
+    assert rl.load_splits([a, b], c, seed=1)["train"].hashes() == splits["train"].hashes()
+    assert rl.load_splits([a, b], c, seed=2)["train"].hashes() != splits["train"].hashes()
+    assert rl.load_splits()["test"].hashes() == load_contrast("refusal-pairs", split="test").hashes()
+
+
+def test_load_splits_errors_name_the_fix(tmp_path):
+    a = _write(tmp_path / "a.json", ["one", "two"])
+    b = _write(tmp_path / "b.json", ["two", "three"])
+    with pytest.raises(ValueError, match="pass both"):
+        rl.load_splits(a)
+    with pytest.warns(UserWarning, match="b.json: 1 instruction.*'two'; each is kept once"):
+        pooled = rl.load_splits([a, b], _write(tmp_path / "c.json", ["four", "five", "six"]), fractions=(1, 0, 0))
+    assert pooled["train"].harmful_texts.count("two") == 1 and len(pooled["train"].harmful) == 3
+    with pytest.raises(ValueError, match="no such data file"):
+        rl.load_splits(tmp_path / "missing.json", a)
+
+
+@needs_shared
+def test_load_splits_on_the_papers_public_files():
+    harmful = ",".join(str(SHARED_DATASETS / f) for f in ("advbench.json", "tdc2023.json", "harmbench_val.json"))
+    with pytest.warns(UserWarning, match="already read from an earlier file"):
+        splits = rl.load_splits(harmful, SHARED_DATASETS / "harmless_val.json")
+    assert sum(len(s.harmful) for s in splits.values()) == 520 + 100 + 41 - 9  # 9 behaviours appear twice

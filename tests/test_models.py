@@ -141,36 +141,69 @@ def test_gemma3_270m_loads_offline_and_equals_hf():
         assert (model(ids) - hf(ids).logits).abs().max() <= 1e-4
 
 
-def test_cli_run_writes_outputs_and_manifest(tiny_model_dir, tmp_path, capsys):
+def test_cli_run_writes_outputs_and_manifest(four_layer_model_dir, tmp_path, capsys):
     """The main job end to end on a tiny random model: it cannot pass selection, and says so.
 
     A random model does not refuse, so the default refusal filter stops the job with an error naming
     ``--no-filter``; with the flag the job runs unfiltered.
     """
-    args = ["run", "--model", str(tiny_model_dir), "--out", str(tmp_path), "--device", "cpu",
+    args = ["run", "--model", str(four_layer_model_dir), "--out", str(tmp_path), "--device", "cpu",
             "--n-val", "4", "--n-test", "6", "--n-boot", "10"]
     with pytest.raises(ValueError, match=r"refusal filter kept \d+ of 100 harmful prompts.*--no-filter"):
         cli_main(args)
-    assert cli_main(args + ["--no-filter"]) == 0
-    run_dir = tmp_path / tiny_model_dir.name
+    assert cli_main(args + ["--no-filter"]) == 2  # the paper's rule: nothing passes, so the run stops and says why
+    run_dir = tmp_path / four_layer_model_dir.name
     summary = json.loads((run_dir / "summary.json").read_text())
     report = json.loads((run_dir / "report.json").read_text())
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert summary["n_layers"] == 2 and summary["family"] == "chatml"
+    assert summary["n_layers"] == 4 and summary["family"] == "chatml"
     assert summary["eoi_tokens"] == ["<|im_end|>", "\n", "<|im_start|>", "ass", "istant", "\n"]
-    assert report["selected"] is None and "no candidate passed" in report["selection_failed"]
+    assert report["selected"] is None and "no candidate passed the paper's filters" in report["selection_failed"]
+    assert report["selection_rule"]["kl_max"] == 0.1 and report["selection_rule"]["fallback"] is None
     assert report["config"]["filter_by_refusal"] is False and report["data"]["train"]["n_harmful"] == 100
     assert report["data"]["train"]["harmful_sha256"] == rl.load_contrast("refusal-pairs", split="train").hashes()["harmful_sha256"]
     assert manifest["versions"]["transformer-lens"].startswith("4.") and manifest["positions"] == list(range(-6, 0))
-    assert manifest["seed"] == 0 and manifest["model"]["spec"] == str(tiny_model_dir)
+    assert manifest["seed"] == 0 and manifest["model"]["spec"] == str(four_layer_model_dir)
     for name in ("directions.safetensors", "cohens_d.csv", "selection.csv", "split_half.csv", "layer_cosines_pos-1.csv",
                  "batched_vs_sequential.csv", "figures/cohens_d.html", "figures/selection.html"):
         assert (run_dir / name).exists(), name
     assert report["figures"] == ["batched_vs_sequential", "cohens_d", "layer_cosines", "selection"]
     assert not (run_dir / "selected.json").exists()  # nothing was selected, so nothing is recorded as selected
-    assert rl.Directions.load(run_dir / "directions.safetensors").vectors.shape == (6, 2, 64)
+    assert rl.Directions.load(run_dir / "directions.safetensors").vectors.shape == (6, 4, 64)
     null = report["kl_random_directions"]
     assert null["n"] == len(null["values"]) == 16 and 0 < null["min"] <= null["median"] <= null["max"]
     assert null["share_below_0.1"] == sum(v < 0.1 for v in null["values"]) / 16
     printed = capsys.readouterr().out
-    assert "no candidate passed" in printed and "KL, random directions" in printed and "(unfiltered)" in printed
+    assert "no candidate passed" in printed and "--fallback lowest-kl" in printed and "selection stopped" in printed
+    assert "KL, random directions" in printed and "(unfiltered)" in printed
+
+
+def test_cli_runs_interventions_on_a_picked_candidate_and_on_a_direction_from_a_file(four_layer_model_dir, tmp_path):
+    """--pick skips selection; --direction (that run's direction.safetensors) skips extraction too and gives
+    the same intervention numbers."""
+    common = ["--model", str(four_layer_model_dir), "--device", "cpu", "--no-filter", "--n-val", "4", "--n-test", "6",
+              "--n-boot", "10", "--max-new-tokens", "4", "--capability-tasks", "", "--html-only"]
+    assert cli_main(["run", *common, "--out", str(tmp_path / "picked"), "--pick=-1,2"]) == 0
+    picked_dir = tmp_path / "picked" / four_layer_model_dir.name
+    picked = json.loads((picked_dir / "report.json").read_text())
+    assert picked["selected"] == {"pos": -1, "layer": 2, "how": "given: --pick"}
+    assert not (picked_dir / "selection.csv").exists() and (picked_dir / "cohens_d.csv").exists()
+    vector = rl.Directions.load(picked_dir / "directions.safetensors").direction(-1, 2, unit=False)
+    stored = rl.load_direction(picked_dir / "direction.safetensors", rl.load_model(str(four_layer_model_dir),
+                                                                                   device="cpu", chat="chatml"),
+                               normalize=False)
+    torch.testing.assert_close(stored, vector, rtol=0, atol=0)
+
+    file = picked_dir / "direction.safetensors"
+    assert cli_main(["run", *common, "--out", str(tmp_path / "given"), "--direction", str(file), "--layer", "2"]) == 0
+    given = json.loads((tmp_path / "given" / four_layer_model_dir.name / "report.json").read_text())
+    assert given["direction_source"]["file"] == str(file) and given["direction_source"]["layer"] == 2
+    assert "cohens_d_peak" not in given and given["selected"]["pos"] is None
+    for key in ("refusal_rate", "kl_ablation_harmless_mean", "ce_harmless_replies", "alpha_sweep",
+                "orthogonalized_vs_hooks_max_logit_diff", "kl_random_directions"):
+        assert given[key] == picked[key], key
+
+    with pytest.raises(ValueError, match="needs the layer"):
+        cli_main(["run", *common, "--out", str(tmp_path / "x"), "--direction", str(file)])
+    with pytest.raises(SystemExit):
+        cli_main(["run", *common, "--pick", "last"])
