@@ -29,7 +29,6 @@ hashes, seed, versions, adapter SHA-256) and a behaviour report;
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import random
@@ -44,7 +43,7 @@ import torch
 from torch import Tensor
 
 from .data import load_contrast, read_instructions, sample
-from .manifest import text_hash, versions
+from .manifest import file_sha256, text_hash, versions
 from .metrics import REFUSAL_SUBSTRINGS, is_refusal, kl_divergence, last_token_logits, safe_excerpt
 
 ORGANISM = "smollm2-135m-refusal"
@@ -91,8 +90,11 @@ def adapter_dir() -> Path:
     return Path(str(files("refusal_lens") / "data" / "organism"))
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+def default_out_dir(action: str, seed: int = 0) -> Path:
+    """Where ``refusal-lens organism train|eval`` writes without ``--out``: the user cache, never the package."""
+    from .models import cache_dir
+
+    return cache_dir() / "organism" / (f"adapter-seed{seed}" if action == "train" else "shipped-eval")
 
 
 def merge_adapter(hf_model, folder: Path | None = None, scale: float = 1.0):

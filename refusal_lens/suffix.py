@@ -57,16 +57,24 @@ def allowed_tokens(tokenizer) -> Tensor:
     return mask
 
 
-def random_suffix(model, n_tokens: int, *, seed: int = 0) -> str:
-    """``n_tokens`` random allowed tokens that re-tokenize to themselves after a space, as text."""
+def random_suffix(model, n_tokens: int, *, seed: int = 0, max_tries: int = 1000) -> str:
+    """``n_tokens`` random allowed tokens that re-tokenize to themselves and start with a space, as text.
+
+    Raises after ``max_tries`` draws that all fail to round-trip (a tokenizer whose allowed tokens merge
+    whenever they are joined), or when fewer than ``n_tokens`` tokens are allowed at all.
+    """
     tokenizer = model.tokenizer
     candidates = allowed_tokens(tokenizer).nonzero()[:, 0].tolist()
+    if n_tokens < 1 or len(candidates) < n_tokens:
+        raise ValueError(f"need 1 <= n_tokens <= {len(candidates)} (the printable ASCII tokens), got {n_tokens}")
     rng = random.Random(seed)
-    while True:
+    for _ in range(max_tries):
         ids = rng.sample(candidates, n_tokens)
         text = tokenizer.decode(ids)
         if tokenizer(text, add_special_tokens=False)["input_ids"] == ids and text.startswith(" "):
             return text
+    raise ValueError(f"no random {n_tokens}-token suffix re-tokenized to itself in {max_tries} draws with this "
+                     "tokenizer; use fewer tokens or raise max_tries")
 
 
 def _split_prompt(model, instruction: str) -> tuple[list[int], list[int]]:

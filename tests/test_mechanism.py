@@ -135,3 +135,30 @@ def test_suffix_analysis_rows_match_direct_measurements(tiny_model):
     assert conditions.cosine[1] == pytest.approx(float(expected), abs=1e-6)
     assert len(per_head) == 6 and (per_head[per_head.condition == "harmful"].suffix_share == 0).all()
     assert (per_head[per_head.condition == "harmful + bangs"].suffix_share > 0).all()
+
+
+def test_random_suffix_stops_when_no_draw_round_trips(tiny_model):
+    """A tokenizer whose tokens always merge when joined: the search must end with a reason, not loop forever."""
+    import types
+
+    class Merging:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def __len__(self):
+            return len(self.inner)
+
+        def __call__(self, text, **kwargs):
+            encoded = self.inner(text, **kwargs)
+            encoded["input_ids"] = encoded["input_ids"][:1]  # everything merges into one token
+            return encoded
+
+    assert suffix.random_suffix(tiny_model, 3, seed=0).startswith(" ")
+    merging = types.SimpleNamespace(tokenizer=Merging(tiny_model.tokenizer))
+    with pytest.raises(ValueError, match="no random 3-token suffix re-tokenized to itself in 50 draws"):
+        suffix.random_suffix(merging, 3, max_tries=50)
+    with pytest.raises(ValueError, match="n_tokens"):
+        suffix.random_suffix(tiny_model, 0)

@@ -111,3 +111,28 @@ def test_pipeline_filter_keeps_the_organisms_prompts_and_stops_on_a_model_that_d
     # The untuned twin refuses none of them: filtering would leave nothing to build a direction from.
     with pytest.raises(ValueError, match=r"kept 0 of 12 harmful prompts of val-small.*--no-filter"):
         filter_split(smollm2, small)
+
+
+def test_organism_commands_never_write_into_the_package(monkeypatch, tmp_path):
+    """Without --out, `organism train` writes its adapter and `organism eval` its report to the user cache."""
+    from refusal_lens import cli
+
+    monkeypatch.setenv("REFUSAL_LENS_CACHE", str(tmp_path / "cache"))
+    written = {}
+
+    def fake_train(out, recipe):
+        written["train"] = out
+        return {"adapter_bytes": 1, "adapter_sha256": "0" * 64, "train_seconds": 0}
+
+    monkeypatch.setattr(organism, "train", fake_train)
+    monkeypatch.setattr(rl, "load_model", lambda *a, **k: written.setdefault("adapters", []).append(k.get("adapter")))
+    monkeypatch.setattr(organism, "behaviour", lambda *a, **k: {"refusal_rate": {}, "n": {},
+                                                                "kl_base_to_tuned_harmless": 0.0})
+    before = sorted(p.name for p in organism.adapter_dir().iterdir())
+    assert cli.main(["organism", "train", "--seed", "3"]) == 0
+    assert written["train"] == tmp_path / "cache" / "organism" / "adapter-seed3"
+    assert (written["train"] / "behaviour.json").exists() and written["adapters"][0] == written["train"]
+    assert cli.main(["organism", "eval"]) == 0
+    assert written["adapters"][-2] is None  # eval without --out reads the shipped adapter ...
+    assert (tmp_path / "cache" / "organism" / "shipped-eval" / "behaviour.json").exists()  # ... and writes elsewhere
+    assert sorted(p.name for p in organism.adapter_dir().iterdir()) == before
