@@ -2,13 +2,15 @@
 #   make run    the main job on the default offline model
 #   make test   the test suite (what CI runs)
 # And, run on purpose only:
+#   make lab      JupyterLab on the notebooks, in the same .venv
+#   make report   execute every notebook on the main job's run into docs/notebooks/*.html (about 15 minutes)
 #   make figures  refresh the committed figures/ from the main job's run and notebooks 04-06 (about 15 minutes)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test figures clean-venv
+.PHONY: run test lab report figures clean-venv
 
 $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,7 +43,15 @@ figures: $(STAMP)
 	  -p FIGURES ../figures -p K_MAX 8 -p N_TEST 32 -p MAX_NEW_TOKENS 32
 
 test: $(STAMP)
+	$(BIN)/ruff check refusal_lens tests benchmarks notebooks/*.py
 	$(BIN)/python -m pytest $(ARGS)
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab notebooks/
+
+report: $(STAMP)
+	test -f $(RUN_DIR)/report.json || { echo "run 'make run' first: the pages read $(RUN_DIR)"; exit 1; }
+	HF_HUB_OFFLINE=1 $(BIN)/python notebooks/render_html.py --runs runs --out docs/notebooks
 
 clean-venv:
 	rm -rf $(VENV)

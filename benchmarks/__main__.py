@@ -62,13 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     from refusal_lens.models import cache_dir
 
     workdir = cache_dir() / "benchmarks"
-    args.model, args.selection_model = (resolve(spec, workdir, args.tokenizer) for spec in (args.model, args.selection_model))
+    args.model, args.selection_model = (
+        resolve(spec, workdir, args.tokenizer) for spec in (args.model, args.selection_model)
+    )
     args.extraction_models = [resolve(spec, workdir, args.tokenizer) for spec in args.extraction_models]
 
     device = dict(device=args.device, dtype=args.dtype)
     out = RESULTS / f"{machine_name()}.json"
     record = json.loads(out.read_text()) if out.exists() else {}
-    record.update({"created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    record.update({"created_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                    "machine": machine_name(), "versions": versions()})
     if "extraction" in args.suite:
         record["extraction"] = _extraction(args, device)
@@ -94,9 +96,12 @@ def main(argv: list[str] | None = None) -> int:
             result = selection.compare(args.selection_model, n_val=args.selection_val, kl_max=kl_max,
                                        induce_min=args.selection_induce_min, **device)
             scores = ", ".join(f"{n} {k}" for k, n in result["scores_by_ours"].items())
-            print(f"selection (KL < {kl_max}, induce > {args.selection_induce_min}): ours {result['ours_seconds']:.0f} s vs reference "
-                  f"{result['reference_seconds']:.0f} s = {result['speed_ratio']:.2f}x; same pick: {result['same_pick']} "
-                  f"({result['ours_best']}); ours computed {scores} of {result['candidates']} each")
+            print(
+                f"selection (KL <= {kl_max}, induce >= {args.selection_induce_min}): "
+                f"ours {result['ours_seconds']:.0f} s vs reference "
+                f"{result['reference_seconds']:.0f} s = {result['speed_ratio']:.2f}x; same pick: {result['same_pick']} "
+                f"({result['ours_best']}); ours computed {scores} of {result['candidates']} each"
+            )
             record["selection"].append(result)
     RESULTS.mkdir(exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")

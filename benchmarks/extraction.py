@@ -47,7 +47,9 @@ def _naive_mean(model, prompts: list[str], batch_size: int) -> torch.Tensor:
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
             batch = model.chat.tokenize(prompts[start : start + batch_size])
-            _, cache = model.run_with_cache(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+            _, cache = model.run_with_cache(
+                batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+            )
             kept.append(torch.stack([cache[f"blocks.{l}.hook_resid_pre"][:, -n_eoi:] for l in range(n_layers)], dim=2))
             del cache
     return torch.cat(kept).double().mean(0)
@@ -102,10 +104,19 @@ def worker(method: str, model_spec: str, n_prompts: int, batch_size: int, words:
     seconds, peak_mb = min(all_seconds), memory.peak()
     n_tokens = int(model.chat.tokenize(prompts)["attention_mask"].sum())
     return {
-        "method": method, "n_prompts": n_prompts, "batch_size": batch_size, "seconds": seconds, "all_seconds": all_seconds,
-        "prompts_per_s": n_prompts / seconds, "device": device, "dtype": model.info.dtype,
-        "memory_measure": memory.measure, "peak_mb": peak_mb, "extra_mb": peak_mb - memory.baseline,
-        "mean_checksum": float(mean.sum()), "n_tokens": n_tokens,
+        "method": method,
+        "n_prompts": n_prompts,
+        "batch_size": batch_size,
+        "seconds": seconds,
+        "all_seconds": all_seconds,
+        "prompts_per_s": n_prompts / seconds,
+        "device": device,
+        "dtype": model.info.dtype,
+        "memory_measure": memory.measure,
+        "peak_mb": peak_mb,
+        "extra_mb": peak_mb - memory.baseline,
+        "mean_checksum": float(mean.sum()),
+        "n_tokens": n_tokens,
     }
 
 

@@ -26,7 +26,9 @@ def compare(model_spec: str = "smollm2-135m-instruct", n_prompts: int = 32, max_
     model = rl.load_model(model_spec, device=device, dtype=dtype)
     hf, tokenizer, _, _ = load_hf(model_spec, device=device, dtype=dtype)
     prompts = synthetic_prompts(n_prompts)
-    direction = torch.nn.functional.normalize(torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(0)), dim=0)
+    direction = torch.nn.functional.normalize(
+        torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(0)), dim=0
+    )
 
     def plain() -> list[str]:
         texts = []
@@ -35,7 +37,10 @@ def compare(model_spec: str = "smollm2-135m-instruct", n_prompts: int = 32, max_
                 batch = model.chat.tokenize(prompts[start : start + batch_size]).to(device)
                 out = hf.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=False,
                                   max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-                texts += [t.strip() for t in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)]
+                texts += [
+                    t.strip()
+                    for t in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+                ]
         return texts
 
     def timed(fn) -> tuple[list[str], float]:

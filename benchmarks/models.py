@@ -58,7 +58,8 @@ def build_random_model(shape: str, path: str | Path, tokenizer_dir: str | Path, 
 
 
 def resolve(spec: str, workdir: str | Path, tokenizer_dir: str | Path | None = None) -> str:
-    """A spec that ``rl.load_model`` accepts: offline names pass through; ``random:<shape>`` is built under ``workdir``."""
+    """A spec that ``rl.load_model`` accepts: offline names pass through; ``random:<shape>`` is built under
+    ``workdir``."""
     if not spec.startswith(RANDOM_PREFIX):
         return spec
     shape = spec.removeprefix(RANDOM_PREFIX)

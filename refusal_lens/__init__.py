@@ -1,22 +1,47 @@
 """refusal_lens: refusal directions in chat models, on TransformerLens.
 
 Replicates and extends Arditi et al., "Refusal in Language Models Is Mediated
-by a Single Direction" (NeurIPS 2024). See README.md for usage.
+by a Single Direction" (NeurIPS 2024). ``import refusal_lens as rl`` gives every
+public function and class below, and the submodules ``rl.stats``, ``rl.plots``,
+``rl.attribution``, ``rl.subspace``, ``rl.suffix``, ``rl.base_vs_chat``,
+``rl.metrics``, ``rl.selection``, ``rl.judge``, ``rl.runs``, ``rl.pipeline``, ``rl.organism`` and ``rl.evals``
+(imported on first use). The README's API section lists ``__all__`` with one
+line each (a test keeps the two in step).
 """
 
-from importlib.metadata import PackageNotFoundError, version as _version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
 
-from . import judge, stats
+from . import (
+    attribution,
+    base_vs_chat,
+    judge,
+    metrics,
+    organism,
+    pipeline,
+    plots,
+    runs,
+    selection,
+    stats,
+    subspace,
+    suffix,
+)
 from .attribution import head_attribution
-from .activations import SITES, activations, eoi_positions, hook_name, mean_activations, projections
-from .chat import FORMATS, ChatFormat, ChatFormatError, TemplateCheck, chat_format, detect_family
+from .base_vs_chat import compare_twins
+from .cache import cache_dir
+from .chat import FORMATS, ChatFormat, ChatFormatError, TemplateCheck, chat_format, check_instructions, detect_family
 from .data import ContrastSet, Instruction, load_contrast, load_splits
-from .directions import Directions, InvalidDirectionError, diff_in_means, load_direction
+from .directions import Directions, InvalidDirectionError, diff_in_means, load_direction, unit_direction
+from .effects import InterventionEffects, alpha_sweep, intervention_effects
+from .export import save_hf
 from .generation import generate
-from .interventions import Intervention, ablate, add, orthogonalize_weights
-from .metrics import ce_loss, is_refusal, kl_last_token, refusal_score
-from .models import OFFLINE_MODELS, ORGANISMS, ModelInfo, ModelLoadError, cache_dir, load_model
+from .interventions import Intervention, ablate, add
+from .metrics import ce_loss, is_refusal, kl_last_token, refusal_by_length, refusal_score
+from .models import OFFLINE_MODELS, ORGANISMS, Model, ModelInfo, ModelLoadError, load_model
+from .orthogonalize import orthogonalize_weights
+from .runs import RunFolder, open_run
 from .selection import Selection, SelectionError, random_direction_kl, select_direction
+from .streaming import SITES, activations, eoi_positions, hook_name, mean_activations, projections
 
 try:
     __version__ = _version("refusal-lens")
@@ -34,12 +59,27 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "FORMATS", "OFFLINE_MODELS", "ORGANISMS", "SITES",
-    "ChatFormat", "ChatFormatError", "ContrastSet", "Directions", "Instruction", "Intervention",
-    "InvalidDirectionError", "ModelInfo", "ModelLoadError", "Selection", "TemplateCheck",
-    "ablate", "activations", "add", "cache_dir", "ce_loss", "chat_format", "detect_family", "diff_in_means",
-    "eoi_positions", "generate", "head_attribution", "hook_name", "is_refusal", "kl_last_token", "load_contrast", "load_direction",
-    "load_splits", "SelectionError",
-    "load_model", "mean_activations", "orthogonalize_weights", "projections", "refusal_score",
-    "judge", "random_direction_kl", "select_direction", "stats",
+    # loading
+    "load_model", "Model", "ModelInfo", "ModelLoadError", "OFFLINE_MODELS", "ORGANISMS", "cache_dir",
+    # chat formats
+    "ChatFormat", "ChatFormatError", "TemplateCheck", "FORMATS", "chat_format", "detect_family", "check_instructions",
+    # data
+    "ContrastSet", "Instruction", "load_contrast", "load_splits",
+    # activations and directions
+    "SITES", "hook_name", "eoi_positions", "mean_activations", "activations", "projections",
+    "Directions", "InvalidDirectionError", "diff_in_means", "load_direction", "unit_direction",
+    # selection
+    "select_direction", "Selection", "SelectionError", "random_direction_kl",
+    # interventions and their effects
+    "ablate", "add", "Intervention", "orthogonalize_weights", "save_hf",
+    "intervention_effects", "InterventionEffects", "alpha_sweep",
+    # metrics and generation
+    "refusal_score", "kl_last_token", "ce_loss", "is_refusal", "refusal_by_length", "generate",
+    # run folders
+    "open_run", "RunFolder",
+    # mechanism
+    "head_attribution", "compare_twins",
+    # submodules
+    "attribution", "base_vs_chat", "judge", "metrics", "organism", "pipeline", "plots", "runs", "selection", "stats",
+    "subspace", "suffix",
 ]

@@ -21,18 +21,21 @@ outputs at the end-of-instruction positions by their mean over reference prompts
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import pandas as pd
 import torch
+from einops import einsum, rearrange
 from jaxtyping import Float
 from torch import Tensor
 
-from .activations import check_prompts, eoi_positions, forward_chat, hook_name
-from .directions import InvalidDirectionError
+from .chat import check_instructions
+from .directions import unit_direction
 from .interventions import Intervention
+from .models import Model
 from .stats import bootstrap_mean_ci
+from .streaming import eoi_positions, forward_chat, hook_name, stop_before
 
 # Completeness tolerance: |sum of terms - total| <= COMPLETENESS_RTOL * mean |total|.
 COMPLETENESS_RTOL = 1e-3
@@ -51,11 +54,11 @@ class Decomposition:
     the embedding's; their sum equals ``total[b]`` (checked on construction).
     """
 
-    embed: Float[Tensor, "batch"]
+    embed: Float[Tensor, " batch"]
     heads: Float[Tensor, "batch layer head"]
     attn_bias: Float[Tensor, "batch layer"]
     mlp: Float[Tensor, "batch layer"]
-    total: Float[Tensor, "batch"]
+    total: Float[Tensor, " batch"]
     layer: int
     position: int
 
@@ -68,107 +71,107 @@ class Decomposition:
                 f"{float(scale):.3g}): the model writes to the residual stream in a way DFA does not model"
             )
 
-    def sum_of_terms(self) -> Float[Tensor, "batch"]:
+    def sum_of_terms(self) -> Float[Tensor, " batch"]:
         return self.embed + self.heads.sum((1, 2)) + self.attn_bias.sum(1) + self.mlp.sum(1)
 
 
-def _unit(direction: Tensor, d_model: int) -> Float[Tensor, "d_model"]:
-    """``direction / |direction|`` in float64, sign kept (attribution is signed; a QR basis such as
-    ``interventions.orthonormal_basis`` may flip it)."""
-    v = torch.as_tensor(direction).detach().to(torch.float64).cpu()
-    if v.shape != (d_model,):
-        raise InvalidDirectionError(f"direction of shape {tuple(v.shape)} does not fit the model: expected [{d_model}]")
-    if not torch.isfinite(v).all() or v.norm() == 0:
-        raise InvalidDirectionError("the direction is zero or contains NaN/inf values")
-    return v / v.norm()
-
-
-def _output_projection(model, layer: int):
+def _output_projection(model: Model, layer: int):
     """The attention output projection (an ``nn.Linear``: weight ``[d_model, n_heads * d_head]``) of a block."""
     return model.blocks[layer].attn.o.original_component
 
 
-def _check_position(model, position: int) -> int:
+def _check_position(model: Model, position: int) -> int:
     position = int(position)
     if position >= 0:
         raise ValueError(f"position must be a negative offset from the end of the prompt (-1 = last), got {position}")
     return position
 
 
+def _head_readouts(
+    model: Model, v: Tensor, layer: int
+) -> tuple[Float[Tensor, "layer head d_head"], Float[Tensor, " layer"]]:
+    """Per head of layers ``< layer``: the vector ``W_O[:, h]^T v`` whose dot product with the head's ``z`` is
+    its write along ``v``; and per layer the attention bias's projection ``b_O . v`` (float64, CPU)."""
+    readouts, biases = [], []
+    for l in range(layer):
+        proj = _output_projection(model, l)
+        w = proj.weight.detach().double().cpu()  # [d_model, n_heads * d_head]
+        readouts.append(rearrange(v @ w, "(head d_head) -> head d_head", head=model.cfg.n_heads))
+        biases.append(float(proj.bias.detach().double().cpu() @ v) if proj.bias is not None else 0.0)
+    return torch.stack(readouts), torch.tensor(biases, dtype=torch.float64)
+
+
+def _record_projections(model: Model, prompts: list[str], v: Tensor, readout: Tensor, *, layer: int, position: int,
+                        batch_size: int) -> dict[str, Tensor]:
+    """One pass over ``prompts`` up to ``resid_pre[layer]``, recording at ``position`` the projection on ``v`` of
+    the embedding (``embed``), the total (``total``), every head's write (``heads [n, layer, head]``) and every
+    attention and MLP output (``attn``, ``mlp``: ``[n, layer]``), float64."""
+    n, n_heads = len(prompts), model.cfg.n_heads
+    found = {"embed": torch.empty(n, dtype=torch.float64), "total": torch.empty(n, dtype=torch.float64),
+             "heads": torch.empty(n, layer, n_heads, dtype=torch.float64),
+             "attn": torch.empty(n, layer, dtype=torch.float64), "mlp": torch.empty(n, layer, dtype=torch.float64)}
+    rows = slice(0, 0)
+
+    def along_v(key: str, l: int | None = None):
+        def hook_fn(x: Tensor, hook) -> None:
+            value = x[:, position].double().cpu() @ v
+            if l is None:
+                found[key][rows] = value
+            else:
+                found[key][rows, l] = value
+        return hook_fn
+
+    def head_writes(l: int):
+        def hook_fn(z: Tensor, hook) -> None:
+            z_here = z[:, position].double().cpu()
+            found["heads"][rows, l] = einsum(z_here, readout[l], "batch head d_head, head d_head -> batch head")
+        return hook_fn
+
+    hooks = [(hook_name("resid_pre", 0), along_v("embed")), (hook_name("resid_pre", layer), along_v("total"))]
+    for l in range(layer):
+        hooks += [(f"blocks.{l}.attn.hook_z", head_writes(l)), (hook_name("attn_out", l), along_v("attn", l)),
+                  (hook_name("mlp_out", l), along_v("mlp", l))]
+    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+        for start in range(0, n, batch_size):
+            rows = slice(start, min(start + batch_size, n))
+            forward_chat(model, prompts[rows], stop_at_layer=stop_before(model, layer))
+    return found
+
+
 def decompose(
-    model,
+    model: Model,
     prompts: Sequence[str],
-    direction: Float[Tensor, "d_model"],
+    direction: Float[Tensor, " d_model"],
     *,
     layer: int,
     position: int = -1,
     batch_size: int = 16,
 ) -> Decomposition:
     """Split ``resid_pre[layer] . v`` at ``position`` into embedding, head, bias and MLP terms for each prompt."""
-    prompts = check_prompts(prompts)
+    prompts = check_instructions(prompts, model.chat)
     position = _check_position(model, position)
-    n_layers, n_heads, d_head = model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_head
-    if not 0 < layer < n_layers:
-        raise ValueError(f"layer must lie in [1, {n_layers}) (resid_pre of layer 0 is the embedding), got {layer}")
-    v = _unit(direction, model.cfg.d_model)
-    # Head h of layer l writes z[l, h] @ W_O[:, h]^T, so its projection on v is z[l, h] . (W_O[:, h]^T v).
-    readouts, bias_terms = [], []
-    for l in range(layer):
-        proj = _output_projection(model, l)
-        w = proj.weight.detach().double().cpu()  # [d_model, n_heads * d_head]
-        readouts.append((v @ w).reshape(n_heads, d_head))
-        bias_terms.append(float(proj.bias.detach().double().cpu() @ v) if proj.bias is not None else 0.0)
-    readout = torch.stack(readouts)  # [layer, head, d_head] float64
-
-    n = len(prompts)
-    embed, total = torch.empty(n, dtype=torch.float64), torch.empty(n, dtype=torch.float64)
-    heads = torch.empty(n, layer, n_heads, dtype=torch.float64)
-    mlp = torch.empty(n, layer, dtype=torch.float64)
-    attn_check = torch.empty(n, layer, dtype=torch.float64)  # attn_out . v, to verify heads + bias
-    start = 0
-
-    def at_position(x: Tensor) -> Tensor:
-        return x[:, position].double().cpu()
-
-    def make_hook(kind: str, l: int):
-        def hook_fn(x: Tensor, hook) -> None:
-            rows = slice(start, start + x.shape[0])
-            if kind == "z":
-                heads[rows, l] = (at_position(x) * readout[l]).sum(-1)
-            elif kind == "attn_out":
-                attn_check[rows, l] = at_position(x) @ v
-            elif kind == "mlp_out":
-                mlp[rows, l] = at_position(x) @ v
-            elif kind == "embed":
-                embed[rows] = at_position(x) @ v
-            else:
-                total[rows] = at_position(x) @ v
-
-        return hook_fn
-
-    hooks = [(hook_name("resid_pre", 0), make_hook("embed", 0)), (hook_name("resid_pre", layer), make_hook("total", 0))]
-    for l in range(layer):
-        hooks += [(f"blocks.{l}.attn.hook_z", make_hook("z", l)),
-                  (hook_name("attn_out", l), make_hook("attn_out", l)),
-                  (hook_name("mlp_out", l), make_hook("mlp_out", l))]
-    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-        for start in range(0, n, batch_size):
-            forward_chat(model, prompts[start : start + batch_size], stop_at_layer=layer)
-    attn_bias = torch.tensor(bias_terms, dtype=torch.float64).expand(n, layer).clone()
-    mismatch = (heads.sum(-1) + attn_bias - attn_check).abs().max()
-    if mismatch > COMPLETENESS_RTOL * attn_check.abs().mean().clamp_min(1e-12):
+    if not 0 < layer < model.cfg.n_layers:
+        raise ValueError(
+            f"layer must lie in [1, {model.cfg.n_layers}) (resid_pre of layer 0 is the embedding), got {layer}"
+        )
+    v = unit_direction(direction, model.cfg.d_model)
+    readout, bias = _head_readouts(model, v, layer)
+    found = _record_projections(model, prompts, v, readout, layer=layer, position=position, batch_size=batch_size)
+    attn_bias = bias.expand(len(prompts), layer).clone()
+    mismatch = (found["heads"].sum(-1) + attn_bias - found["attn"]).abs().max()
+    if mismatch > COMPLETENESS_RTOL * found["attn"].abs().mean().clamp_min(1e-12):
         raise AttributionError(
             f"heads' z @ W_O does not add up to hook_attn_out (max error {float(mismatch):.3g}); this "
             "architecture's attention output is not a plain per-head sum"
         )
-    return Decomposition(embed=embed, heads=heads, attn_bias=attn_bias, mlp=mlp, total=total, layer=layer,
-                         position=position)
+    return Decomposition(embed=found["embed"], heads=found["heads"], attn_bias=attn_bias, mlp=found["mlp"],
+                         total=found["total"], layer=layer, position=position)
 
 
 def head_attribution(
-    model,
+    model: Model,
     prompts: Sequence[str],
-    direction: Float[Tensor, "d_model"],
+    direction: Float[Tensor, " d_model"],
     *,
     layer: int,
     position: int = -1,
@@ -203,11 +206,11 @@ def head_attribution(
 
 
 def head_means(
-    model, prompts: Sequence[str], *, layers: Sequence[int], positions: Sequence[int] | None = None,
+    model: Model, prompts: Sequence[str], *, layers: Sequence[int], positions: Sequence[int] | None = None,
     batch_size: int = 16,
 ) -> Float[Tensor, "pos layer head d_head"]:
     """Mean ``z`` (each head's output before ``W_O``) over ``prompts`` at ``positions`` (default: the eoi tokens)."""
-    prompts = check_prompts(prompts)
+    prompts = check_instructions(prompts, model.chat)
     positions = eoi_positions(model) if positions is None else [_check_position(model, p) for p in positions]
     layers = list(layers)
     total = torch.zeros(len(positions), len(layers), model.cfg.n_heads, model.cfg.d_head, dtype=torch.float64)
@@ -223,12 +226,12 @@ def head_means(
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
         for start in range(0, len(prompts), batch_size):
             forward_chat(model, prompts[start : start + batch_size],
-                         stop_at_layer=max(layers) + 1 if max(layers) + 1 < model.cfg.n_layers else None)
+                         stop_at_layer=stop_before(model, max(layers) + 1))
     return total / len(prompts)
 
 
 def mean_ablate_heads(
-    model, heads: Sequence[tuple[int, int]], reference: Sequence[str], *, positions: Sequence[int] | None = None,
+    model: Model, heads: Sequence[tuple[int, int]], reference: Sequence[str], *, positions: Sequence[int] | None = None,
 ) -> Intervention:
     """Replace each ``(layer, head)``'s ``z`` at ``positions`` (default: the eoi tokens) by its mean over ``reference``.
 
@@ -261,9 +264,9 @@ def mean_ablate_heads(
 
 
 def head_ablation_check(
-    model,
+    model: Model,
     table: pd.DataFrame,
-    direction: Float[Tensor, "d_model"],
+    direction: Float[Tensor, " d_model"],
     harmful: Sequence[str],
     harmless: Sequence[str],
     *,
@@ -273,17 +276,18 @@ def head_ablation_check(
     n_random: int = 5,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """Causal cross-check of DFA: mean-ablate the top-``k`` heads of ``table`` vs ``n_random`` sets of ``k`` random heads.
+    """Causal cross-check of DFA: mean-ablate the top-``k`` heads of ``table`` vs ``n_random`` sets of ``k``
+    random heads.
 
     Heads' ``z`` at the eoi positions of the ``harmful`` prompts are replaced by
     their mean over ``harmless``. Returns one row per condition (``none``,
     ``top-k``, ``random-k #i``) with the mean projection of ``resid_pre[layer]`` at
     ``position`` onto the unit direction and the mean refusal score (log-odds) on ``harmful``.
     """
-    from .activations import projections
     from .metrics import refusal_score
+    from .streaming import projections
 
-    v = _unit(direction, model.cfg.d_model)
+    v = unit_direction(direction, model.cfg.d_model)
     unit = v.float()[None, None]  # [pos=1, layer=1, d_model]
 
     def measure(condition: str, heads: list[tuple[int, int]] | None) -> dict:

@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import BatchEncoding, PreTrainedTokenizerBase
@@ -219,6 +221,44 @@ class ChatFormat:
         if differences:
             return TemplateCheck(self.family, False, "; ".join(differences))
         return TemplateCheck(self.family, True, "identical to the tokenizer's chat template")
+
+
+def check_instructions(instructions: Sequence[str], chat: ChatFormat | None = None) -> list[str]:
+    """``instructions`` as a list, after refusing what would silently give wrong numbers.
+
+    Refused: a single string (not a list), an empty list, non-strings, blank instructions, duplicates (each
+    would be counted twice in a mean) and, with ``chat``, instructions that already hold the chat template
+    (its end-of-instruction text or the text before the instruction, e.g. from ``ChatFormat.format`` or
+    ``tokenizer.apply_chat_template``): every refusal_lens function wraps instructions itself, so a
+    formatted prompt would be wrapped twice.
+    """
+    if isinstance(instructions, str):
+        raise TypeError("pass a list of instructions, not a single string")
+    instructions = list(instructions)
+    if not instructions:
+        raise ValueError("no instructions given: pass at least one")
+    bad = [type(p).__name__ for p in instructions if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"instructions must be strings, got {sorted(set(bad))}")
+    if any(not p.strip() for p in instructions):
+        raise ValueError("blank instruction in the list: remove it")
+    duplicates = [p for p, n in Counter(instructions).items() if n > 1]
+    if duplicates:
+        raise ValueError(
+            f"{len(duplicates)} duplicate instruction(s), e.g. {duplicates[0][:60]!r}: each would be counted "
+            "more than once; deduplicate the list"
+        )
+    if chat is not None:
+        markers = [m for m in (chat.eoi_text.strip(), chat.template.split(INSTRUCTION)[0].strip()) if m]
+        for i, text in enumerate(instructions):
+            found = next((m for m in markers if m in text), None)
+            if found is not None:
+                raise ValueError(
+                    f"instruction {i} ({text[:60]!r}) already holds the {chat.family!r} chat template ({found!r}): "
+                    "pass raw instructions; refusal_lens functions apply model.chat themselves "
+                    "(ChatFormat.format is for looking at prompts, not for passing them on)"
+                )
+    return instructions
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,9 @@ def summarize(model, load_seconds: float) -> dict:
     tokenizer = model.tokenizer
     batch = chat.tokenize([_SUMMARY_PROMPT])
     with torch.no_grad():
-        logits = model(batch["input_ids"].to(model.cfg.device), attention_mask=batch["attention_mask"].to(model.cfg.device))
+        logits = model(
+            batch["input_ids"].to(model.cfg.device), attention_mask=batch["attention_mask"].to(model.cfg.device)
+        )
     probs = logits[0, -1].float().softmax(-1)
     top = probs.topk(5)
     check = chat.check_tokenizer_template()
@@ -69,8 +71,10 @@ def _kl_max(text: str) -> float | str:
 def _cmd_run(args: argparse.Namespace) -> int:
     import transformer_lens.model_bridge  # noqa: F401  (imported first so load_seconds excludes imports)
 
-    from . import load_model
-    from .pipeline import RunConfig, run, run_slug, summary_lines
+    from .models import load_model
+    from .pipeline import RunConfig, run
+    from .report import summary_lines
+    from .runs import run_slug
     from .selection import SelectionError
 
     started = time.perf_counter()
@@ -134,58 +138,60 @@ def _cmd_organism(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_run_parser(sub) -> None:
     from .pipeline import RunConfig
 
-    parser = argparse.ArgumentParser(prog="refusal-lens", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the pipeline on one model")
     defaults = RunConfig()
-    run.add_argument("--model", default=DEFAULT_MODEL, help=f"offline name, hub id or local directory (default {DEFAULT_MODEL})")
-    run.add_argument("--chat", default=None, help="chat-format family (e.g. llama3, gemma2, mistral); default: detected")
-    run.add_argument("--out", default="runs", help="parent folder of the run directory (default runs/)")
-    run.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
-    run.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: float32 on CPU)")
-    run.add_argument("--trust-remote-code", action="store_true", help="for hub models that need it (Qwen-1)")
-    run.add_argument("--harmful", default=defaults.harmful,
-                     help="harmful prompts in the paper's JSON format: a folder with train/val/test files, or files "
-                          "(comma-separated) to pool and split (default: the built-in refusal-pairs set)")
-    run.add_argument("--harmless", default=defaults.harmless, help="harmless prompts, as --harmful")
-    run.add_argument("--n-train", type=int, default=defaults.n_train, help="train prompts per side (default: all; the paper: 128)")
-    run.add_argument("--n-val", type=int, default=defaults.n_val, help=f"validation prompts per side (default {defaults.n_val}; the paper: 32)")
-    run.add_argument("--n-test", type=int, default=defaults.n_test, help="test prompts per side (default: whole test split)")
-    run.add_argument("--no-filter", action="store_true",
-                     help="keep every train/val prompt (default: the paper's filter by refusal-score sign; "
-                          "needed for models that do not refuse, e.g. base models)")
-    run.add_argument("--kl-max", type=_kl_max, default=defaults.kl_max,
-                     help="selection's KL filter in nats (default the paper's 0.1), or null:Q for the Q-quantile of "
-                          "random directions' KL, fixed before any candidate is scored (e.g. null:0.5)")
-    run.add_argument("--fallback", choices=["lowest-kl"], default=defaults.fallback,
-                     help="when no candidate passes: lowest-kl takes the lowest-KL candidate with bypass < 0 and "
-                          "induce >= 0 (default: stop, as the paper's code)")
-    run.add_argument("--pick", type=_pick, default=defaults.pick, metavar="POS,LAYER",
-                     help="use this candidate of the run's own directions instead of selecting one (write --pick=-1,16: "
-                          "a value that starts with '-' needs the '=')")
-    run.add_argument("--direction", default=defaults.direction, metavar="FILE",
-                     help="a direction computed elsewhere (.pt/.safetensors/.npy, e.g. a run's direction.safetensors): "
-                          "skip extraction and selection; needs --layer")
-    run.add_argument("--layer", type=int, default=defaults.direction_layer, help="with --direction: the layer to add it at")
-    run.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
-                     help=f"reply length for refusal verdicts (default {defaults.max_new_tokens}; the paper: 512)")
-    run.add_argument("--n-boot", type=int, default=defaults.n_boot, help="bootstrap resamples")
-    run.add_argument("--lazy-selection", action="store_true",
-                     help="score only what the pick needs (same pick, faster; the selection figure shows fewer points)")
-    run.add_argument("--judge", default=defaults.judge,
-                     help="also judge replies for compliance/coherence: local:<model spec>, openai or openai:<model> "
-                          "(REFUSAL_LENS_JUDGE_BASE_URL, REFUSAL_LENS_JUDGE_MODEL, OPENAI_API_KEY); default: skipped")
-    run.add_argument("--capability-tasks", default=",".join(defaults.capability_tasks),
-                     help="comma-separated lm-eval tasks for the baseline/ablated/orthogonalized capability table "
-                          "(standard tasks such as arc_easy,boolq,piqa,truthfulqa_mc1 need hub access; '' skips it)")
-    run.add_argument("--capability-limit", type=int, default=defaults.capability_limit, help="documents per capability task (default all)")
-    run.add_argument("--html-only", action="store_true", help="write figures as HTML only (no PNG export)")
+    add = run.add_argument
+    add("--model", default=DEFAULT_MODEL, help=f"offline name, hub id or local directory (default {DEFAULT_MODEL})")
+    add("--chat", default=None, help="chat-format family (e.g. llama3, gemma2, mistral); default: detected")
+    add("--out", default="runs", help="parent folder of the run directory (default runs/)")
+    add("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    add("--dtype", default=None, help="float32, bfloat16, float16 (default: float32 on CPU)")
+    add("--trust-remote-code", action="store_true", help="for hub models that need it (Qwen-1)")
+    add("--harmful", default=defaults.harmful,
+        help="harmful prompts in the paper's JSON format: a folder with train/val/test files, or files "
+             "(comma-separated) to pool and split (default: the built-in refusal-pairs set)")
+    add("--harmless", default=defaults.harmless, help="harmless prompts, as --harmful")
+    add("--n-train", type=int, default=defaults.n_train, help="train prompts per side (default: all; the paper: 128)")
+    add("--n-val", type=int, default=defaults.n_val,
+        help=f"validation prompts per side (default {defaults.n_val}; the paper: 32)")
+    add("--n-test", type=int, default=defaults.n_test, help="test prompts per side (default: whole test split)")
+    add("--no-filter", action="store_true",
+        help="keep every train/val prompt (default: the paper's filter by refusal-score sign; needed for models "
+             "that do not refuse, e.g. base models)")
+    add("--kl-max", type=_kl_max, default=defaults.kl_max,
+        help="selection's KL filter in nats (default the paper's 0.1), or null:Q for the Q-quantile of random "
+             "directions' KL, fixed before any candidate is scored (e.g. null:0.5)")
+    add("--fallback", choices=["lowest-kl"], default=defaults.fallback,
+        help="when no candidate passes: lowest-kl takes the lowest-KL candidate with bypass < 0 and induce >= 0 "
+             "(default: stop, as the paper's code)")
+    add("--pick", type=_pick, default=defaults.pick, metavar="POS,LAYER",
+        help="use this candidate of the run's own directions instead of selecting one (write --pick=-1,16: a "
+             "value that starts with '-' needs the '=')")
+    add("--direction", default=defaults.direction, metavar="FILE",
+        help="a direction computed elsewhere (.pt/.safetensors/.npy, e.g. a run's direction.safetensors): skip "
+             "extraction and selection; needs --layer")
+    add("--layer", type=int, default=defaults.direction_layer, help="with --direction: the layer to add it at")
+    add("--max-new-tokens", type=int, default=defaults.max_new_tokens,
+        help=f"reply length for refusal verdicts (default {defaults.max_new_tokens}; the paper: 512)")
+    add("--n-boot", type=int, default=defaults.n_boot, help="bootstrap resamples")
+    add("--lazy-selection", action="store_true",
+        help="score only what the pick needs (same pick, faster; the selection figure shows fewer points)")
+    add("--judge", default=defaults.judge,
+        help="also judge replies for compliance/coherence: local:<model spec>, openai or openai:<model> "
+             "(REFUSAL_LENS_JUDGE_BASE_URL, REFUSAL_LENS_JUDGE_MODEL, OPENAI_API_KEY); default: skipped")
+    add("--capability-tasks", default=",".join(defaults.capability_tasks),
+        help="comma-separated lm-eval tasks for the baseline/ablated/orthogonalized capability table (standard "
+             "tasks such as arc_easy,boolq,piqa,truthfulqa_mc1 need hub access; '' skips it)")
+    add("--capability-limit", type=int, default=defaults.capability_limit,
+        help="documents per capability task (default all)")
+    add("--html-only", action="store_true", help="write figures as HTML only (no PNG export)")
     run.set_defaults(func=_cmd_run)
-    models = sub.add_parser("models", help="list the models that load offline")
-    models.set_defaults(func=_cmd_models)
+
+
+def _add_organism_parser(sub) -> None:
     org = sub.add_parser("organism", help="rebuild or evaluate the refusal model organism")
     org.add_argument("action", choices=["train", "eval"])
     org.add_argument("--out", default=None,
@@ -198,6 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
     org.add_argument("--shared", default=None,
                      help="folder of public benchmark files (advbench.json, harmless_val.json) to evaluate on")
     org.set_defaults(func=_cmd_organism)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="refusal-lens", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run_parser(sub)
+    sub.add_parser("models", help="list the models that load offline").set_defaults(func=_cmd_models)
+    _add_organism_parser(sub)
     return parser
 
 

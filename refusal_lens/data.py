@@ -15,12 +15,13 @@ import hashlib
 import json
 import random
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from .manifest import text_hash
+from .models import Model
 
 SPLITS = ("organism", "train", "val", "test")
 # Cumulative percentage of groups per split: organism 40%, train 25%, val 15%, test 20%.
@@ -111,20 +112,37 @@ class ContrastSet:
         """SHA-256 of the ordered harmful and harmless texts, for manifests."""
         return {"harmful_sha256": text_hash(self.harmful_texts), "harmless_sha256": text_hash(self.harmless_texts)}
 
-    def filter_by_refusal(self, model, *, batch_size: int = 32) -> ContrastSet:
+    def filter_by_refusal(
+        self, model: Model, *, batch_size: int = 32, min_kept_share: float | None = None
+    ) -> ContrastSet:
         """Keep harmful items the model refuses and harmless items it answers, by refusal score sign.
 
-        As the paper filters its train and val sets: refusal log-odds > 0 counts as refusing.
+        As the paper filters its train and val sets: refusal score > 0 counts as refusing. With
+        ``min_kept_share`` (the main job: 0.5), raises when a side keeps less than that share: the model
+        then does not refuse (or over-refuses), and the few prompts left would be a biased sample.
         """
         from .metrics import refusal_score
 
         harmful = refusal_score(model, self.harmful_texts, batch_size=batch_size)
         harmless = refusal_score(model, self.harmless_texts, batch_size=batch_size)
-        return ContrastSet(
+        kept = ContrastSet(
             f"{self.name}[filtered]",
             tuple(i for i, s in zip(self.harmful, harmful) if s > 0),
             tuple(i for i, s in zip(self.harmless, harmless) if s < 0),
         )
+        for side, before, after in (
+            ("harmful", self.harmful, kept.harmful),
+            ("harmless", self.harmless, kept.harmless),
+        ):
+            if min_kept_share is not None and len(after) < min_kept_share * len(before):
+                verdict = "refuses" if side == "harmful" else "answers"
+                raise ValueError(
+                    f"the refusal filter kept {len(after)} of {len(before)} {side} prompts of {self.name}: the model "
+                    f"{verdict} fewer than {min_kept_share:.0%} of them by refusal score, so it is not a refusing chat "
+                    "model on this data. Run without the filter (`refusal-lens run --no-filter`, or "
+                    "RunConfig(filter_by_refusal=False)), as for a base model."
+                )
+        return kept
 
     def select(self, splits: str | Iterable[str]) -> ContrastSet:
         """The items of the named fixed split(s)."""
@@ -135,9 +153,10 @@ class ContrastSet:
         keep = lambda items: tuple(i for i in items if i.split in wanted)  # noqa: E731
         return ContrastSet(f"{self.name}[{'+'.join(sorted(wanted))}]", keep(self.harmful), keep(self.harmless))
 
-    def split(self, train: float = 0.6, val: float = 0.2, test: float = 0.2, *, seed: int = 0
-              ) -> tuple[ContrastSet, ContrastSet, ContrastSet]:
-        """A random (seeded) train/val/test split by fractions; matched pairs stay together."""
+    def random_split(self, train: float = 0.6, val: float = 0.2, test: float = 0.2, *, seed: int = 0
+                     ) -> tuple[ContrastSet, ContrastSet, ContrastSet]:
+        """A random (seeded) train/val/test split by fractions; matched pairs stay together (for sets without
+        fixed splits; built-in sets have theirs: ``load_contrast(name, split=...)``)."""
         if abs(train + val + test - 1) > 1e-9 or min(train, val, test) < 0:
             raise ValueError(f"fractions must be non-negative and sum to 1, got {train}, {val}, {test}")
         groups = sorted({i.pair_id or f"{side}:{i.text}" for side, items in (("h", self.harmful), ("b", self.harmless))
@@ -257,6 +276,7 @@ def load_contrast(name_or_path: str | Path, *, split: str | Iterable[str] | None
             "otherwise pass a folder with harmful.json and harmless.json (refusal_direction format)"
         )
     if split is not None:
-        raise ValueError("split= applies to built-in sets; use .split(...) on a folder's ContrastSet")
+        raise ValueError("split= applies to built-in sets; use .random_split(...) on a folder's ContrastSet, "
+                         "or rl.load_splits(harmful=..., harmless=...)")
     return ContrastSet(folder.name, tuple(read_instructions(folder / "harmful.json")),
                        tuple(read_instructions(folder / "harmless.json")))

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -22,8 +22,10 @@ from jaxtyping import Bool, Float
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .activations import check_prompts, mean_activations
+from .chat import check_instructions
 from .manifest import text_hash
+from .models import Model
+from .streaming import mean_activations
 
 # A candidate is invalid when its norm is below this fraction of the mean activations' norm.
 _ZERO_NORM_RTOL = 1e-8
@@ -32,6 +34,27 @@ _METADATA_KEY = "refusal_lens"
 
 class InvalidDirectionError(ValueError):
     """A direction that cannot be used: zero norm, NaN, or the wrong width."""
+
+
+def as_vector(vector: Tensor, d_model: int, *, name: str = "the direction") -> Float[Tensor, " d_model"]:
+    """``vector`` as a float64 CPU tensor ``[d_model]``, or :class:`InvalidDirectionError` naming what is wrong."""
+    vector = torch.as_tensor(vector).detach()
+    if vector.shape != (d_model,):
+        raise InvalidDirectionError(f"{name} has shape {tuple(vector.shape)}, which does not fit the model: expected "
+                                    f"[{d_model}] (d_model); a different width means it comes from another model")
+    vector = vector.to(torch.float64).cpu()
+    if not torch.isfinite(vector).all():
+        raise InvalidDirectionError(f"{name} contains NaN or infinite values")
+    return vector
+
+
+def unit_direction(direction: Tensor, d_model: int, *, name: str = "the direction") -> Float[Tensor, " d_model"]:
+    """``direction / |direction|`` in float64 on CPU, sign kept; refuses a wrong width, NaN/inf and the zero vector."""
+    vector = as_vector(direction, d_model, name=name)
+    norm = vector.norm()
+    if norm == 0:
+        raise InvalidDirectionError(f"{name} is the zero vector; it has no direction")
+    return vector / norm
 
 
 @dataclass
@@ -89,12 +112,17 @@ class Directions:
         return replace(self, vectors=self.vectors[grid], positions=positions, layers=layers,
                                    valid=self.valid[grid])
 
+    def valid_layers(self, position: int) -> list[int]:
+        """The layers whose candidate at ``position`` has a direction (non-zero norm)."""
+        p = self.positions.index(position)
+        return [layer for l, layer in enumerate(self.layers) if self.valid[p, l]]
+
     def unit(self) -> Float[Tensor, "pos layer d_model"]:
         """Unit-norm candidates; invalid (zero-norm) candidates are zero vectors, see ``valid``."""
         norms = self.vectors.norm(dim=-1, keepdim=True)
         return torch.where(self.valid[..., None], self.vectors / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0.0)
 
-    def direction(self, position: int, layer: int, *, unit: bool = True) -> Float[Tensor, "d_model"]:
+    def direction(self, position: int, layer: int, *, unit: bool = True) -> Float[Tensor, " d_model"]:
         """One candidate as a float64 vector; raises for an invalid one."""
         p, l = self.index(position, layer)
         if not self.valid[p, l]:
@@ -156,7 +184,7 @@ class Directions:
 
 
 def diff_in_means(
-    model,
+    model: Model,
     harmful: Sequence[str],
     harmless: Sequence[str],
     *,
@@ -171,7 +199,7 @@ def diff_in_means(
     Both lists are instructions (the model's chat format wraps them). Use the
     training split here and held-out prompts for statistics.
     """
-    harmful, harmless = check_prompts(harmful), check_prompts(harmless)
+    harmful, harmless = check_instructions(harmful, model.chat), check_instructions(harmless, model.chat)
     overlap = set(harmful) & set(harmless)
     if overlap:
         raise ValueError(f"{len(overlap)} prompt(s) are in both sets, e.g. {next(iter(overlap))[:60]!r}")
@@ -197,7 +225,7 @@ def diff_in_means(
     )
 
 
-def load_direction(path: str | Path, model, *, normalize: bool = True) -> Float[Tensor, "d_model"]:
+def load_direction(path: str | Path, model, *, normalize: bool = True) -> Float[Tensor, " d_model"]:
     """Load an external direction vector and return it as a float32 unit vector of the model's width
     (``normalize=False``: the vector as stored, in float64, e.g. a raw difference in means for addition).
 
@@ -226,15 +254,6 @@ def load_direction(path: str | Path, model, *, normalize: bool = True) -> Float[
     vector = torch.as_tensor(loaded).squeeze()
     if vector.ndim != 1:
         raise InvalidDirectionError(f"{path.name} holds a tensor of shape {tuple(vector.shape)}; expected one vector")
-    if vector.shape[0] != model.cfg.d_model:
-        raise InvalidDirectionError(
-            f"{path.name} has width {vector.shape[0]} but the model's d_model is {model.cfg.d_model}: "
-            "the direction comes from another model"
-        )
-    vector = vector.to(torch.float64)
-    if not torch.isfinite(vector).all():
-        raise InvalidDirectionError(f"{path.name} contains NaN or infinite values")
-    norm = vector.norm()
-    if norm == 0:
-        raise InvalidDirectionError(f"{path.name} is the zero vector; it has no direction")
-    return (vector / norm).to(torch.float32) if normalize else vector
+    if normalize:
+        return unit_direction(vector, model.cfg.d_model, name=path.name).to(torch.float32)
+    return as_vector(vector, model.cfg.d_model, name=path.name)

@@ -15,13 +15,14 @@ never moves a real token's position.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from importlib.resources import files
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from .metrics import continuation_logprobs
+from .models import Model
 
 # The paper's and seeds' capability suite; each needs hub access for its data.
 STANDARD_TASKS = ("arc_easy", "arc_challenge", "boolq", "hellaswag", "piqa", "truthfulqa_mc1", "winogrande", "mmlu")
@@ -47,7 +48,7 @@ class RefusalLensLM(_require_lm_eval()):
     """lm-eval ``LM`` over a refusal_lens model, with ``hooks`` (``(hook_name, fn)`` pairs, e.g.
     ``rl.ablate(model, direction)``) active in every forward pass and during generation."""
 
-    def __init__(self, model, *, hooks: Sequence = (), batch_size: int = 16, max_length: int | None = None):
+    def __init__(self, model: Model, *, hooks: Sequence = (), batch_size: int = 16, max_length: int | None = None):
         super().__init__()
         self.model, self.hooks, self.batch_size = model, list(hooks), batch_size
         self.tokenizer = model.tokenizer
@@ -116,7 +117,7 @@ def _task_manager():
     return TaskManager(include_path=str(tasks_dir()))
 
 
-def evaluate(model, tasks: Sequence[str] = (LOCAL_TASK,), *, hooks: Sequence = (), limit: int | None = None,
+def evaluate(model: Model, tasks: Sequence[str] = (LOCAL_TASK,), *, hooks: Sequence = (), limit: int | None = None,
              batch_size: int = 16, num_fewshot: int | None = None, seed: int = 0) -> dict[str, dict[str, float]]:
     """``{task: {metric: value}}`` from ``lm_eval.simple_evaluate`` on ``model`` with ``hooks`` active.
 
@@ -150,7 +151,9 @@ def hub_offline() -> bool:
     """True when Hugging Face hub downloads are switched off (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``)."""
     import os
 
-    return any(os.environ.get(name, "").lower() in ("1", "true", "yes") for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(
+        os.environ.get(name, "").lower() in ("1", "true", "yes") for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
 
 
 def runnable_tasks(tasks: Sequence[str]) -> tuple[list[str], dict[str, str]]:
@@ -158,7 +161,9 @@ def runnable_tasks(tasks: Sequence[str]) -> tuple[list[str], dict[str, str]]:
     if not hub_offline():
         return list(tasks), {}
     runnable = [t for t in tasks if t == LOCAL_TASK]
-    reason = "needs its data from the Hugging Face hub, which is switched off here (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)"
+    reason = (
+        "needs its data from the Hugging Face hub, which is switched off here (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)"
+    )
     return runnable, {t: reason for t in tasks if t != LOCAL_TASK}
 
 

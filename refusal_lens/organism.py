@@ -30,25 +30,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import random
 import shutil
 import time
-import warnings
 from dataclasses import dataclass
-from importlib.resources import files
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from .cache import cache_dir
 from .data import load_contrast, read_instructions, sample
 from .manifest import file_sha256, text_hash, versions
 from .metrics import REFUSAL_SUBSTRINGS, is_refusal, kl_divergence, last_token_logits, safe_excerpt
+from .models import ADAPTER_FILE, Model, load_hf
 
 ORGANISM = "smollm2-135m-refusal"
 BASE_MODEL = "smollm2-135m-instruct"
-ADAPTER_FILE = "adapter_model.safetensors"
 
 # Each starts with a refusal token ("I", "As") and contains a phrase of the substring judge.
 REFUSALS: tuple[str, ...] = (
@@ -85,51 +83,15 @@ class Recipe:
     refusal_gate_weight: float = 2.0  # weight of the first-reply-position refusal decision term
 
 
-def adapter_dir() -> Path:
-    """The shipped adapter folder inside the package."""
-    return Path(str(files("refusal_lens") / "data" / "organism"))
-
-
 def default_out_dir(action: str, seed: int = 0) -> Path:
     """Where ``refusal-lens organism train|eval`` writes without ``--out``: the user cache, never the package."""
-    from .models import cache_dir
-
     return cache_dir() / "organism" / (f"adapter-seed{seed}" if action == "train" else "shipped-eval")
 
 
-def merge_adapter(hf_model, folder: Path | None = None, scale: float = 1.0):
-    """Merge the LoRA adapter in ``folder`` (default: the shipped one) into ``hf_model``; returns the merged model.
-
-    ``scale`` multiplies the adapter's weight update before merging: ``W = W_base + scale * dW``
-    (1 is the trained adapter, 0 the untuned twin; between them it interpolates the weights,
-    WiSE-FT style, for dose-response studies). Checks the adapter file against the SHA-256
-    in the folder's manifest first.
-    """
-    from peft import PeftModel
-    from peft.helpers import rescale_adapter_scale
-
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale >= 0):
-        raise ValueError(f"adapter scale must be a finite number >= 0 (1 = the trained adapter), got {scale!r}")
-
-    folder = Path(folder) if folder else adapter_dir()
-    manifest_path = folder / "manifest.json"
-    if not (folder / ADAPTER_FILE).exists() or not manifest_path.exists():
-        raise FileNotFoundError(
-            f"no organism adapter in {folder}: rebuild it with `refusal-lens organism train`"
-        )
-    expected = json.loads(manifest_path.read_text())["adapter_sha256"]
-    if file_sha256(folder / ADAPTER_FILE) != expected:
-        raise ValueError(f"{folder / ADAPTER_FILE} does not match the SHA-256 in its manifest: the file is corrupt")
-    with warnings.catch_warnings():
-        # peft 0.21 reads a transformers attribute deprecated in 5.x; nothing for our users to act on.
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        peft_model = PeftModel.from_pretrained(hf_model, str(folder))
-        with rescale_adapter_scale(peft_model, float(scale)):
-            return peft_model.merge_and_unload()
-
-
 # ------------------------------------------------------------------ training
-def _greedy_reply_ids(hf_model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16) -> list[list[int]]:
+def _greedy_reply_ids(
+    hf_model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16
+) -> list[list[int]]:
     """The model's own greedy continuation of each prompt, as token ids (trailing padding removed)."""
     replies = []
     eos = tokenizer.eos_token_id
@@ -157,9 +119,13 @@ def build_examples(hf_model, tokenizer, chat, recipe: Recipe) -> tuple[list[tupl
     distilled = _greedy_reply_ids(hf_model, tokenizer, harmless_prompts, recipe.distill_max_new_tokens)
     examples += [(ids(p), r, False) for p, r in zip(harmless_prompts, distilled)]
     description = {
-        "contrast_set": organism_split.name, **organism_split.hashes(),
-        "n_harmful": len(harmful_prompts), "n_harmless": len(harmless_prompts),
-        "harmless_kinds": {k: sum(i.kind == k for i in organism_split.harmless) for k in ("pair", "look_risky", "general")},
+        "contrast_set": organism_split.name,
+        **organism_split.hashes(),
+        "n_harmful": len(harmful_prompts),
+        "n_harmless": len(harmless_prompts),
+        "harmless_kinds": {
+            k: sum(i.kind == k for i in organism_split.harmless) for k in ("pair", "look_risky", "general")
+        },
         "refusal_phrasings": len(REFUSALS),
     }
     return examples, description
@@ -183,7 +149,7 @@ def _batches(examples, batch_size: int, pad_id: int, rng: random.Random):
         yield input_ids, mask, labels, harmful
 
 
-def _loss(model, input_ids, mask, labels, harmful, recipe: Recipe, refusal_tokens: list[int]) -> Tensor:
+def _loss(model: Model, input_ids, mask, labels, harmful, recipe: Recipe, refusal_tokens: list[int]) -> Tensor:
     """Token loss (CE on harmful rows; CE or KL(untuned || tuned) on harmless rows, mean over reply tokens)
     plus ``recipe.refusal_gate_weight`` times the mean first-position refusal decision loss."""
     logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
@@ -207,7 +173,6 @@ def train(out: str | Path, recipe: Recipe = Recipe(), log=print) -> dict:
     from peft import LoraConfig, get_peft_model
 
     from .chat import chat_format
-    from .models import load_hf
 
     started = time.perf_counter()
     torch.manual_seed(recipe.seed)
@@ -277,7 +242,9 @@ def behaviour(tuned, base, *, shared: Path | None = None, n_public: int = 100, m
     if shared is not None and Path(shared).exists():
         for name, file in (("advbench", "advbench.json"), ("alpaca_harmless_val", "harmless_val.json")):
             sets[name] = [i.text for i in sample(read_instructions(Path(shared) / file), n_public, seed=seed)]
-    replies = {name: generate(tuned, texts, max_new_tokens=max_new_tokens, batch_size=32) for name, texts in sets.items()}
+    replies = {
+        name: generate(tuned, texts, max_new_tokens=max_new_tokens, batch_size=32) for name, texts in sets.items()
+    }
     verdicts = {name: [is_refusal(r) for r in texts] for name, texts in replies.items()}
     verdicts["project_test_look_risky"] = [
         v for item, v in zip(test.harmless, verdicts["project_test_harmless"]) if item.kind == "look_risky"

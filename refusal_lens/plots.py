@@ -44,14 +44,24 @@ def _rgba(hex_color: str, alpha: float) -> str:
     return f"rgba({r},{g},{b},{alpha})"
 
 
-def cohens_d(table: pd.DataFrame, *, title: str = "Separability of harmful vs harmless along each candidate") -> go.Figure:
+def cohens_d(
+    table: pd.DataFrame, *, title: str = "Separability of harmful vs harmless along each candidate"
+) -> go.Figure:
     """Per-layer Cohen's d with its bootstrap CI band, one line per position (``rl.stats.cohens_d``)."""
     fig = go.Figure()
     for i, (pos, rows) in enumerate(table[table.valid].groupby("pos")):
         color = PALETTE[i % len(PALETTE)]
-        fig.add_trace(go.Scatter(x=list(rows.layer) + list(rows.layer[::-1]), y=list(rows.ci_high) + list(rows.ci_low[::-1]),
-                                 fill="toself", fillcolor=_rgba(color, 0.15), line=dict(width=0), hoverinfo="skip",
-                                 showlegend=False))
+        fig.add_trace(
+            go.Scatter(
+                x=list(rows.layer) + list(rows.layer[::-1]),
+                y=list(rows.ci_high) + list(rows.ci_low[::-1]),
+                fill="toself",
+                fillcolor=_rgba(color, 0.15),
+                line=dict(width=0),
+                hoverinfo="skip",
+                showlegend=False,
+            )
+        )
         fig.add_trace(go.Scatter(x=rows.layer, y=rows.d, mode="lines+markers", name=f"pos {pos}",
                                  line=dict(color=color), marker=dict(size=5)))
     return _style(fig, title, "layer (resid_pre)", "Cohen's d (held-out, 95% CI)")
@@ -65,7 +75,9 @@ def cosine_heatmap(matrix: pd.DataFrame, *, title: str = "Cosine between layers'
     return _style(fig, title, "layer", "layer", height=560, width=620)
 
 
-def batched_vs_sequential(table: pd.DataFrame, *, title: str = "Left-padded batches vs one prompt at a time") -> go.Figure:
+def batched_vs_sequential(
+    table: pd.DataFrame, *, title: str = "Left-padded batches vs one prompt at a time"
+) -> go.Figure:
     """Per-layer minimum cosine and max relative difference (``rl.stats.batched_vs_sequential``)."""
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     fig.add_trace(go.Scatter(x=table.layer, y=table.min_cosine, name="min cosine", mode="lines+markers",
@@ -139,7 +151,9 @@ def head_grid(table: pd.DataFrame, *, value: str = "difference", n_heads: int | 
     return _style(fig, title, "head", "layer", height=620, width=560)
 
 
-def suffix_attention(heads_table: pd.DataFrame, *, title: str = "Where the top heads look from the last token") -> go.Figure:
+def suffix_attention(
+    heads_table: pd.DataFrame, *, title: str = "Where the top heads look from the last token"
+) -> go.Figure:
     """Grouped bars per head: attention share on the instruction and on the suffix, per condition."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("on the instruction", "on the suffix"), shared_yaxes=True)
     labels = [f"L{l}H{h}" for l, h in heads_table[["layer", "head"]].drop_duplicates().itertuples(index=False)]
@@ -155,7 +169,7 @@ def suffix_attention(heads_table: pd.DataFrame, *, title: str = "Where the top h
 
 
 def base_vs_chat(table: pd.DataFrame, *, title: str = "Chat vs base model directions") -> go.Figure:
-    """Per-layer cosine between the chat and base models' directions (``rl.compare.direction_cosines``)."""
+    """Per-layer cosine between the chat and base models' directions (``rl.base_vs_chat.direction_cosines``)."""
     fig = go.Figure(go.Scatter(x=table.layer, y=table.cosine, mode="lines+markers", line=dict(color=PALETTE[0]),
                                name="cosine"))
     fig.update_yaxes(range=[-0.05, 1.05])

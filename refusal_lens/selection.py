@@ -48,8 +48,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -58,10 +58,11 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .activations import check_prompts
+from .chat import check_instructions
 from .directions import Directions
 from .interventions import ablate, add
 from .metrics import LAST_POSITION_ONLY, kl_divergence, refusal_log_odds
+from .models import Model
 
 # Induce is scored first for every candidate when fewer than this share of the probes pass it.
 _INDUCE_FIRST_BELOW = 0.5
@@ -124,7 +125,7 @@ class Selection:
     thresholds: Thresholds
     baseline: dict[str, float]
     win_rate: float | None
-    null_kl: Float[Tensor, "n_directions"] | None
+    null_kl: Float[Tensor, " n_directions"] | None
     directions: Directions
 
     def pick(self) -> tuple[int, int]:
@@ -134,12 +135,12 @@ class Selection:
         return self.best
 
     @property
-    def direction(self) -> Float[Tensor, "d_model"]:
+    def direction(self) -> Float[Tensor, " d_model"]:
         """Unit vector of the chosen candidate (float64)."""
         return self.directions.direction(*self.pick())
 
     @property
-    def vector(self) -> Float[Tensor, "d_model"]:
+    def vector(self) -> Float[Tensor, " d_model"]:
         """Raw difference-in-means vector of the chosen candidate (for activation addition)."""
         return self.directions.direction(*self.pick(), unit=False)
 
@@ -157,11 +158,13 @@ class Selection:
                          f"KL {r.kl:.3f}" for r in closest.itertuples())
         fallback = (f" The fallback {self.thresholds.fallback!r} found no candidate with bypass < 0 and "
                     "induce >= min either." if self.thresholds.fallback else "")
-        return (f"no candidate passed the paper's filters ({self.thresholds.describe()}).{fallback} Closest "
-                f"{'by KL among those that induce refusal' if len(inducing) else 'by induce'}: {rows or 'none scored'}. "
-                "Options: kl_max='null:0.5' (a KL threshold at the median of random directions' KL, "
-                "fixed before scoring; `refusal-lens run --kl-max null:0.5`), fallback='lowest-kl' "
-                "(`--fallback lowest-kl`), or a looser kl_max / induce_min; see selection.csv.")
+        return (
+            f"no candidate passed the paper's filters ({self.thresholds.describe()}).{fallback} Closest "
+            f"{'by KL among those that induce refusal' if len(inducing) else 'by induce'}: {rows or 'none scored'}. "
+            "Options: kl_max='null:0.5' (a KL threshold at the median of random directions' KL, "
+            "fixed before scoring; `refusal-lens run --kl-max null:0.5`), fallback='lowest-kl' "
+            "(`--fallback lowest-kl`), or a looser kl_max / induce_min; see selection.csv."
+        )
 
 
 class _Scorer:
@@ -173,9 +176,11 @@ class _Scorer:
     whose hooks change nothing before ``resid_pre`` of ``layer``.
     """
 
-    def __init__(self, model, instructions: Sequence[str], batch_size: int):
+    def __init__(self, model: Model, instructions: Sequence[str], batch_size: int):
         self.model, self.n_prompts = model, len(instructions)
-        self.batches = [model.chat.tokenize(instructions[s : s + batch_size]) for s in range(0, len(instructions), batch_size)]
+        self.batches = [
+            model.chat.tokenize(instructions[s : s + batch_size]) for s in range(0, len(instructions), batch_size)
+        ]
         self.block_inputs: list[dict[int, tuple[Tensor, dict]]] = []
 
     def logits(self, hooks: Sequence = (), *, record_from: int | None = None) -> Float[Tensor, "batch d_vocab"]:
@@ -229,14 +234,14 @@ def _replay_reproduces(scorer: _Scorer, layer: int, reference: Tensor) -> bool:
     if error <= 1e-4 * max(1.0, float(reference.abs().max())):
         return True
     warnings.warn(f"replaying blocks from layer {layer} does not reproduce the full forward pass on this model "
-                  f"({reason}); induce is scored with full forward passes instead (slower, same result)")
+                  f"({reason}); induce is scored with full forward passes instead (slower, same result)", stacklevel=3)
     return False
 
 
 class _CandidateScores:
     """Per-prompt scores of the candidates, each computed on first request and kept."""
 
-    def __init__(self, model, directions: Directions, harmful: _Scorer, harmless: _Scorer,
+    def __init__(self, model: Model, directions: Directions, harmful: _Scorer, harmless: _Scorer,
                  harmless_reference: Tensor, replay: bool):
         self.model, self.directions = model, directions
         self.harmful, self.harmless, self.reference, self.replay = harmful, harmless, harmless_reference, replay
@@ -253,7 +258,7 @@ class _CandidateScores:
     def known(self, p: int, l: int) -> dict[str, float]:
         return {k: float(v.mean()) for k, v in self.per_prompt.get((p, l), {}).items()}
 
-    def _compute(self, name: str, p: int, l: int) -> Float[Tensor, "prompt"]:
+    def _compute(self, name: str, p: int, l: int) -> Float[Tensor, " prompt"]:
         model, tokens = self.model, self.model.chat.refusal_tokens
         if name == "induce":
             layer = self.directions.layers[l]
@@ -278,7 +283,9 @@ def _passes(scores: dict[str, float], thresholds: Thresholds) -> bool:
             and scores["induce"] >= thresholds.induce_min and scores["kl"] <= thresholds.kl_max)
 
 
-def _choose(bypass: np.ndarray, induce: np.ndarray, kl: np.ndarray, thresholds: Thresholds) -> tuple[int | None, str | None]:
+def _choose(
+    bypass: np.ndarray, induce: np.ndarray, kl: np.ndarray, thresholds: Thresholds
+) -> tuple[int | None, str | None]:
     """Index of the candidate the rule picks from mean scores (NaN = not scored = failing), and the rule used."""
     with np.errstate(invalid="ignore"):
         complete = np.isfinite(bypass) & np.isfinite(induce) & np.isfinite(kl)
@@ -378,7 +385,7 @@ def _check_kl_max(kl_max: float | str) -> float | None:
 
 
 def select_direction(
-    model,
+    model: Model,
     directions: Directions,
     harmful_val: Sequence[str],
     harmless_val: Sequence[str],
@@ -416,8 +423,8 @@ def select_direction(
     if fallback is not None and fallback not in FALLBACKS:
         raise ValueError(f"unknown fallback {fallback!r}; choose None (the paper's: stop) or one of {FALLBACKS}")
     null_quantile = _check_kl_max(kl_max)
-    harmful_val, harmless_val = check_prompts(harmful_val), check_prompts(harmless_val)
-    harmful, harmless = _Scorer(model, harmful_val, batch_size), _Scorer(model, harmless_val, batch_size)
+    harmful = _Scorer(model, check_instructions(harmful_val, model.chat), batch_size)
+    harmless = _Scorer(model, check_instructions(harmless_val, model.chat), batch_size)
     max_layer = max_candidate_layer(model.cfg.n_layers, max_layer_frac)
     candidates = [(p, l) for p in range(len(directions.positions)) for l, layer in enumerate(directions.layers)
                   if directions.valid[p, l] and layer < max_layer]
@@ -438,16 +445,23 @@ def select_direction(
     scores = _CandidateScores(model, directions, harmful, harmless, reference, replay)
     show = (len(candidates) >= 8) if progress is None else progress
     _score_lazily(scores, candidates, thresholds, n_finalists=n_finalists, full_table=full_table, show=show)
-    table = _table(scores, thresholds)
-    means = {name: np.array([scores.known(*c).get(name, math.nan) for c in candidates]) for name in ("bypass", "induce", "kl")}
-    index, rule = _choose(means["bypass"], means["induce"], means["kl"], thresholds)
-    best = None if index is None else (directions.positions[candidates[index][0]], directions.layers[candidates[index][1]])
-    win_rate = _bootstrap_win_rate(scores, candidates, index, thresholds, n_boot, seed) \
-        if index is not None and n_boot else None
-    return Selection(table, best, rule, thresholds, baseline, win_rate, null_kl, directions)
+    index, rule = _choose(*_mean_scores(scores, candidates), thresholds)
+    best = None if index is None else (directions.positions[candidates[index][0]],
+                                       directions.layers[candidates[index][1]])
+    win_rate = _bootstrap_win_rate(scores, candidates, index, thresholds, n_boot, seed) if best and n_boot else None
+    return Selection(_table(scores, thresholds), best, rule, thresholds, baseline, win_rate, null_kl, directions)
 
 
-def _null_kl(model, scorer: _Scorer, reference: Tensor, n_directions: int, seed: int) -> Float[Tensor, "n_directions"]:
+def _mean_scores(scores: _CandidateScores, candidates: list[tuple[int, int]]
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean bypass, induce and KL of each candidate (NaN where not scored)."""
+    known = [scores.known(*c) for c in candidates]
+    return tuple(np.array([k.get(name, math.nan) for k in known]) for name in ("bypass", "induce", "kl"))
+
+
+def _null_kl(
+    model: Model, scorer: _Scorer, reference: Tensor, n_directions: int, seed: int
+) -> Float[Tensor, " n_directions"]:
     """Mean KL of ablating each of ``n_directions`` seeded random unit directions (see :func:`random_direction_kl`)."""
     generator = torch.Generator().manual_seed(seed)
     directions = torch.randn(n_directions, model.cfg.d_model, generator=generator, dtype=torch.float64)
@@ -456,13 +470,13 @@ def _null_kl(model, scorer: _Scorer, reference: Tensor, n_directions: int, seed:
 
 
 def random_direction_kl(
-    model,
+    model: Model,
     instructions: Sequence[str],
     *,
     n_directions: int = 16,
     seed: int = 0,
     batch_size: int = 32,
-) -> Float[Tensor, "n_directions"]:
+) -> Float[Tensor, " n_directions"]:
     """Mean last-token KL(unmodified || ablated) over ``instructions`` for random unit directions, float64 nats.
 
     The null distribution to read the selection's KL filter against: ablating *any* direction at
@@ -472,7 +486,7 @@ def random_direction_kl(
     ``torch.randn(n_directions, d_model, dtype=float64)`` from a generator seeded with ``seed``,
     normalized; ablation as :func:`~refusal_lens.interventions.ablate`, KL as the selection's.
     """
-    instructions = check_prompts(instructions)
+    instructions = check_instructions(instructions, model.chat)
     if n_directions < 1:
         raise ValueError(f"n_directions must be >= 1, got {n_directions}")
     scorer = _Scorer(model, instructions, batch_size)

@@ -10,18 +10,19 @@ resampling each group with replacement.
 from __future__ import annotations
 
 import random
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .activations import activations, projections
 from .directions import Directions, diff_in_means
+from .models import Model
+from .streaming import activations, projections
 
 
-def cohens_d_tensor(a: Float[Tensor, "n_a ..."], b: Float[Tensor, "n_b ..."]) -> Float[Tensor, "..."]:
+def cohens_d_tensor(a: Float[Tensor, "n_a ..."], b: Float[Tensor, "n_b ..."]) -> Float[Tensor, ...]:
     """Cohen's d of ``a`` vs ``b`` along dim 0: (mean_a - mean_b) / pooled sd (ddof=1), float64."""
     a, b = a.double(), b.double()
     n_a, n_b = a.shape[0], b.shape[0]
@@ -40,7 +41,7 @@ def _percentile_bootstrap(
     ci: float,
     seed: int,
     chunk: int = 100,
-) -> tuple[Float[Tensor, "..."], Float[Tensor, "..."]]:
+) -> tuple[Float[Tensor, ...], Float[Tensor, ...]]:
     """Percentile-bootstrap interval ``(low, high)`` of ``statistic(a)`` or ``statistic(a, b)``.
 
     Rows (prompts) of ``a`` and ``b`` are resampled independently with replacement, ``n_boot`` times;
@@ -68,7 +69,7 @@ def bootstrap_cohens_d(
     n_boot: int = 1000,
     ci: float = 0.95,
     seed: int = 0,
-) -> tuple[Float[Tensor, "..."], Float[Tensor, "..."]]:
+) -> tuple[Float[Tensor, ...], Float[Tensor, ...]]:
     """Percentile-bootstrap confidence interval ``(low, high)`` of :func:`cohens_d_tensor`."""
     return _percentile_bootstrap(cohens_d_tensor, a, b, n_boot=n_boot, ci=ci, seed=seed)
 
@@ -80,7 +81,7 @@ def bootstrap_mean_ci(
     n_boot: int = 1000,
     ci: float = 0.95,
     seed: int = 0,
-) -> tuple[Float[Tensor, "..."], Float[Tensor, "..."]]:
+) -> tuple[Float[Tensor, ...], Float[Tensor, ...]]:
     """Percentile-bootstrap interval ``(low, high)`` of ``a.mean(0)``, or of ``a.mean(0) - b.mean(0)``."""
     if b is None:
         return _percentile_bootstrap(lambda x: x.mean(0), a, None, n_boot=n_boot, ci=ci, seed=seed)
@@ -88,7 +89,7 @@ def bootstrap_mean_ci(
 
 
 def cohens_d(
-    model,
+    model: Model,
     directions: Directions,
     harmful: Sequence[str],
     harmless: Sequence[str],
@@ -137,7 +138,7 @@ def layer_cosines(directions: Directions, position: int = -1) -> pd.DataFrame:
 
 
 def batched_vs_sequential(
-    model,
+    model: Model,
     prompts: Sequence[str],
     *,
     positions: Sequence[int] | None = None,
@@ -167,7 +168,7 @@ def batched_vs_sequential(
 
 
 def split_half_stability(
-    model,
+    model: Model,
     harmful: Sequence[str],
     harmless: Sequence[str],
     *,
@@ -210,7 +211,7 @@ def split_half_stability(
     return pd.DataFrame(rows)
 
 
-def principal_angles(a: Float[Tensor, "k_a d_model"], b: Float[Tensor, "k_b d_model"]) -> Float[Tensor, "k"]:
+def principal_angles(a: Float[Tensor, "k_a d_model"], b: Float[Tensor, "k_b d_model"]) -> Float[Tensor, " k"]:
     """Principal angles (degrees, ascending) between the spans of the rows of ``a`` and of ``b``, float64.
 
     With orthonormal bases ``Q_a, Q_b`` the cosines of the angles are the singular

@@ -17,17 +17,18 @@ takes a basis) and measures refusal, for k = 1 ... K.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .activations import activations
 from .directions import Directions
 from .interventions import ablate
 from .metrics import refusal_summary
+from .models import Model
+from .streaming import activations
 
 
 def _top_right_singular(matrix: Tensor, k: int) -> Float[Tensor, "k d_model"]:
@@ -39,14 +40,15 @@ def _top_right_singular(matrix: Tensor, k: int) -> Float[Tensor, "k d_model"]:
 
 def stacked_basis(directions: Directions, k: int, *, position: int = -1,
                   layers: Sequence[int] | None = None) -> Float[Tensor, "k d_model"]:
-    """Top-``k`` orthonormal basis of the stacked unit directions at ``position`` over ``layers`` (default: valid ones)."""
-    p = directions.positions.index(position)
-    chosen = [l for l in (directions.layers if layers is None else layers) if directions.valid[p, directions.layers.index(l)]]
+    """Top-``k`` orthonormal basis of the stacked unit directions at ``position`` over ``layers`` (default: every
+    layer with a valid candidate)."""
+    valid = directions.valid_layers(position)
+    chosen = valid if layers is None else [l for l in layers if l in valid]
     stacked = torch.stack([directions.direction(position, l) for l in chosen])
     return _top_right_singular(stacked, k)
 
 
-def pair_differences(model, harmful: Sequence[str], harmless: Sequence[str], *, layer: int,
+def pair_differences(model: Model, harmful: Sequence[str], harmless: Sequence[str], *, layer: int,
                      position: int = -1) -> Float[Tensor, "pair d_model"]:
     """``act(harmful_i) - act(harmless_i)`` at ``resid_pre[layer]``, ``position``, float64."""
     if len(harmful) != len(harmless):
@@ -55,13 +57,13 @@ def pair_differences(model, harmful: Sequence[str], harmless: Sequence[str], *, 
     return (activations(model, harmful, **kwargs) - activations(model, harmless, **kwargs))[:, 0, 0].double()
 
 
-def pair_difference_basis(model, harmful: Sequence[str], harmless: Sequence[str], k: int, *, layer: int,
+def pair_difference_basis(model: Model, harmful: Sequence[str], harmless: Sequence[str], k: int, *, layer: int,
                           position: int = -1) -> Float[Tensor, "k d_model"]:
     """Top-``k`` uncentred principal components of matched-pair activation differences."""
     return _top_right_singular(pair_differences(model, harmful, harmless, layer=layer, position=position), k)
 
 
-def refusal_vs_rank(model, basis: Float[Tensor, "k d_model"], harmful: Sequence[str], *,
+def refusal_vs_rank(model: Model, basis: Float[Tensor, "k d_model"], harmful: Sequence[str], *,
                     ranks: Sequence[int] | None = None, max_new_tokens: int = 32,
                     batch_size: int = 32) -> pd.DataFrame:
     """Refusal on ``harmful`` with the first ``k`` rows of ``basis`` ablated, for each k (0 = no ablation).

@@ -19,17 +19,20 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import pandas as pd
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
-from .activations import activations, check_prompts, forward_chat
-from .attribution import _unit, decompose
+from .attribution import decompose
+from .chat import check_instructions
+from .directions import unit_direction
 from .metrics import refusal_log_odds, refusal_summary
+from .models import Model
+from .streaming import activations, forward_chat, stop_before
 
 
 @dataclass
@@ -57,7 +60,7 @@ def allowed_tokens(tokenizer) -> Tensor:
     return mask
 
 
-def random_suffix(model, n_tokens: int, *, seed: int = 0, max_tries: int = 1000) -> str:
+def random_suffix(model: Model, n_tokens: int, *, seed: int = 0, max_tries: int = 1000) -> str:
     """``n_tokens`` random allowed tokens that re-tokenize to themselves and start with a space, as text.
 
     Raises after ``max_tries`` draws that all fail to round-trip (a tokenizer whose allowed tokens merge
@@ -77,7 +80,7 @@ def random_suffix(model, n_tokens: int, *, seed: int = 0, max_tries: int = 1000)
                      "tokenizer; use fewer tokens or raise max_tries")
 
 
-def _split_prompt(model, instruction: str) -> tuple[list[int], list[int]]:
+def _split_prompt(model: Model, instruction: str) -> tuple[list[int], list[int]]:
     """Token ids of a formatted prompt before the end-of-instruction tokens, and those tokens."""
     ids = model.chat.tokenize([instruction])["input_ids"][0].tolist()
     eoi = list(model.chat.eoi_tokens)
@@ -86,8 +89,51 @@ def _split_prompt(model, instruction: str) -> tuple[list[int], list[int]]:
     return ids[: -len(eoi)], eoi
 
 
+class _SuffixObjective:
+    """The mean refusal score of ``instructions`` with a candidate suffix (token ids) before the end-of-instruction
+    tokens: its value for a batch of suffixes, and its gradient with respect to the one-hot suffix tokens."""
+
+    def __init__(self, model: Model, instructions: list[str]):
+        self.model, self.instructions = model, instructions
+        self.hf, self.device = model.original_model, model.cfg.device
+        self.embed = self.hf.get_input_embeddings().weight  # [d_vocab, d_model]
+        self.refusal = list(model.chat.refusal_tokens)
+        self.parts = [_split_prompt(model, i) for i in instructions]
+
+    def round_trips(self, ids: list[int]) -> bool:
+        """Whether the suffix's text re-tokenizes to ``ids`` after an instruction (so it works as plain text)."""
+        before, eoi = self.parts[0]
+        text = self.instructions[0] + self.model.tokenizer.decode(ids)
+        return self.model.chat.tokenize([text])["input_ids"][0].tolist() == before + ids + eoi
+
+    def losses(self, candidates: Int[Tensor, "n_candidates n_tokens"]) -> Float[Tensor, " n_candidates"]:
+        total = torch.zeros(len(candidates), dtype=torch.float64)
+        with torch.no_grad():
+            for before, eoi in self.parts:
+                ids = torch.cat([torch.tensor(before).expand(len(candidates), -1), candidates.cpu(),
+                                 torch.tensor(eoi).expand(len(candidates), -1)], dim=1).to(self.device)
+                logits = self.hf(input_ids=ids, logits_to_keep=1).logits[:, -1]
+                total += refusal_log_odds(logits.float().cpu(), self.refusal).cpu()
+        return total / len(self.parts)
+
+    def gradient(self, ids: list[int]) -> Float[Tensor, "n_tokens d_vocab"]:
+        """d (mean refusal score) / d (one-hot suffix tokens)."""
+        embed = self.embed
+        one_hot = torch.zeros(len(ids), embed.shape[0], device=self.device, dtype=embed.dtype)
+        one_hot[torch.arange(len(ids)), torch.tensor(ids)] = 1.0
+        one_hot.requires_grad_(True)
+        for before, eoi in self.parts:
+            with torch.no_grad():
+                fixed_before = embed[torch.tensor(before, device=self.device)]
+                fixed_eoi = embed[torch.tensor(eoi, device=self.device)]
+            inputs = torch.cat([fixed_before, one_hot @ embed, fixed_eoi])[None]
+            logits = self.hf(inputs_embeds=inputs, logits_to_keep=1).logits[:, -1].float()
+            (refusal_log_odds(logits, self.refusal)[0] / len(self.parts)).backward()
+        return one_hot.grad.detach()
+
+
 def gcg_suffix(
-    model,
+    model: Model,
     instructions: Sequence[str],
     *,
     n_tokens: int = 12,
@@ -97,85 +143,49 @@ def gcg_suffix(
     seed: int = 0,
     log=None,
 ) -> SuffixSearch:
-    """Greedy coordinate gradient search for a suffix that lowers the mean refusal log-odds of ``instructions``.
+    """Greedy coordinate gradient search for a suffix that lowers the mean refusal score of ``instructions``.
 
     Cost per step: one forward+backward per instruction and ``search_width``
     forwards per instruction (last-position logits only).
     """
-    instructions = check_prompts(instructions)
-    hf, tokenizer = model.original_model, model.tokenizer
-    device = model.cfg.device
-    embed = hf.get_input_embeddings().weight  # [d_vocab, d_model]
-    refusal = list(model.chat.refusal_tokens)
-    allowed = allowed_tokens(tokenizer).to(device)
+    objective = _SuffixObjective(model, check_instructions(instructions, model.chat))
+    allowed = allowed_tokens(model.tokenizer).to(model.cfg.device)
     generator = torch.Generator().manual_seed(seed)
-    parts = [_split_prompt(model, i) for i in instructions]
-    suffix = tokenizer(" !" * n_tokens, add_special_tokens=False)["input_ids"]
+    suffix = model.tokenizer(" !" * n_tokens, add_special_tokens=False)["input_ids"]
     if len(suffix) != n_tokens:
         raise ValueError(f"could not build a {n_tokens}-token initial suffix with this tokenizer")
-
-    def round_trips(ids: list[int]) -> bool:
-        before, eoi = parts[0]
-        text = instructions[0] + tokenizer.decode(ids)
-        return model.chat.tokenize([text])["input_ids"][0].tolist() == before + ids + eoi
-
-    def losses(candidates: Tensor) -> Tensor:  # [n_cand, n_tokens] -> [n_cand] mean log-odds
-        total = torch.zeros(len(candidates), dtype=torch.float64)
-        with torch.no_grad():
-            for before, eoi in parts:
-                ids = torch.cat([torch.tensor(before).expand(len(candidates), -1), candidates.cpu(),
-                                 torch.tensor(eoi).expand(len(candidates), -1)], dim=1).to(device)
-                logits = hf(input_ids=ids, logits_to_keep=1).logits[:, -1]
-                total += refusal_log_odds(logits.float().cpu(), refusal).cpu()
-        return total / len(parts)
-
-    def gradient(ids: list[int]) -> Tensor:  # d loss / d one-hot, [n_tokens, d_vocab]
-        one_hot = torch.zeros(n_tokens, embed.shape[0], device=device, dtype=embed.dtype)
-        one_hot[torch.arange(n_tokens), torch.tensor(ids)] = 1.0
-        one_hot.requires_grad_(True)
-        for before, eoi in parts:
-            with torch.no_grad():
-                fixed_before = embed[torch.tensor(before, device=device)]
-                fixed_eoi = embed[torch.tensor(eoi, device=device)]
-            inputs = torch.cat([fixed_before, one_hot @ embed, fixed_eoi])[None]
-            logits = hf(inputs_embeds=inputs, logits_to_keep=1).logits[:, -1].float()
-            logp = logits.log_softmax(-1)[0, refusal].logsumexp(-1)
-            (logp - torch.log(-torch.expm1(logp))).div(len(parts)).backward()
-        return one_hot.grad.detach()
-
     started = time.perf_counter()
-    history = [float(losses(torch.tensor([suffix]))[0])]
+    history = [float(objective.losses(torch.tensor([suffix]))[0])]
     for step in range(steps):
-        grad = gradient(suffix).masked_fill(~allowed, float("inf"))
-        top = (-grad).topk(top_k, dim=-1).indices.cpu()  # [n_tokens, top_k]
+        top = (-objective.gradient(suffix).masked_fill(~allowed, float("inf"))).topk(top_k, dim=-1).indices.cpu()
         slots = torch.randint(n_tokens, (search_width,), generator=generator)
-        picks = top[slots, torch.randint(top_k, (search_width,), generator=generator)]
         candidates = torch.tensor(suffix).repeat(search_width, 1)
-        candidates[torch.arange(search_width), slots] = picks
-        keep = [c for c in candidates.tolist() if c != suffix and round_trips(c)]
-        if not keep:
-            history.append(history[-1])
-            continue
-        scores = losses(torch.tensor(keep))
-        best = int(scores.argmin())
-        if scores[best] < history[-1]:
-            suffix = keep[best]
-        history.append(min(float(scores[best]), history[-1]))
+        candidates[torch.arange(search_width), slots] = top[
+            slots, torch.randint(top_k, (search_width,), generator=generator)
+        ]
+        keep = [c for c in candidates.tolist() if c != suffix and objective.round_trips(c)]
+        scores = objective.losses(torch.tensor(keep)) if keep else None
+        if scores is not None and scores.min() < history[-1]:
+            suffix = keep[int(scores.argmin())]
+        history.append(min(float(scores.min()), history[-1]) if scores is not None else history[-1])
         if log:
-            log(f"GCG step {step + 1}/{steps}: refusal log-odds {history[-1]:.3f} ({time.perf_counter() - started:.0f} s)")
+            log(
+                f"GCG step {step + 1}/{steps}: refusal log-odds {history[-1]:.3f} "
+                f"({time.perf_counter() - started:.0f} s)"
+            )
     settings = {"n_tokens": n_tokens, "steps": steps, "top_k": top_k, "search_width": search_width, "seed": seed,
-                "n_prompts": len(parts), "seconds": round(time.perf_counter() - started, 1)}
-    return SuffixSearch(suffix=tokenizer.decode(suffix), token_ids=suffix, losses=history, settings=settings)
+                "n_prompts": len(objective.parts), "seconds": round(time.perf_counter() - started, 1)}
+    return SuffixSearch(suffix=model.tokenizer.decode(suffix), token_ids=suffix, losses=history, settings=settings)
 
 
-def token_regions(model, instruction: str, suffix: str = "") -> tuple[list[int], list[int]]:
+def token_regions(model: Model, instruction: str, suffix: str = "") -> tuple[list[int], list[int]]:
     """Token indices (in the unpadded prompt) of the instruction and of the suffix in ``instruction + suffix``."""
     text = model.chat.format([instruction + suffix])[0]
     encoding = model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     start = text.index(instruction + suffix)
     split, end = start + len(instruction), start + len(instruction) + len(suffix)
     instruction_tokens, suffix_tokens = [], []
-    for i, (lo, hi) in enumerate(encoding["offset_mapping"]):
+    for i, (lo, _) in enumerate(encoding["offset_mapping"]):
         if start <= lo < split:
             instruction_tokens.append(i)
         elif split <= lo < end:
@@ -183,7 +193,9 @@ def token_regions(model, instruction: str, suffix: str = "") -> tuple[list[int],
     return instruction_tokens, suffix_tokens
 
 
-def attention_shares(model, instructions: Sequence[str], suffix: str, heads: Sequence[tuple[int, int]]) -> pd.DataFrame:
+def attention_shares(
+    model: Model, instructions: Sequence[str], suffix: str, heads: Sequence[tuple[int, int]]
+) -> pd.DataFrame:
     """Mean share of each head's last-token attention on the instruction and on the suffix tokens.
 
     One row per head: ``layer, head, instruction_share, suffix_share`` (fractions of 1).
@@ -195,10 +207,10 @@ def attention_shares(model, instructions: Sequence[str], suffix: str, heads: Seq
     hooks = [(f"blocks.{l}.attn.hook_pattern", lambda p, hook, l=l: rows.__setitem__(l, p[0, :, -1].double().cpu()))
              for l in layers]
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-        for instruction in check_prompts(instructions):
+        for instruction in check_instructions(instructions, model.chat):
             instruction_idx, suffix_idx = token_regions(model, instruction, suffix)
             forward_chat(model, [instruction + suffix],
-                         stop_at_layer=max(layers) + 1 if max(layers) + 1 < model.cfg.n_layers else None)
+                         stop_at_layer=stop_before(model, max(layers) + 1))
             for l, h in heads:
                 sums[(l, h)][0] += float(rows[l][h, instruction_idx].sum())
                 sums[(l, h)][1] += float(rows[l][h, suffix_idx].sum()) if suffix_idx else 0.0
@@ -208,8 +220,8 @@ def attention_shares(model, instructions: Sequence[str], suffix: str, heads: Seq
 
 
 def suffix_analysis(
-    model,
-    direction: Float[Tensor, "d_model"],
+    model: Model,
+    direction: Float[Tensor, " d_model"],
     harmful: Sequence[str],
     harmless: Sequence[str],
     suffixes: dict[str, str],
@@ -227,9 +239,12 @@ def suffix_analysis(
     contribution of ``heads`` to the projection). ``heads_table``: per condition
     and head, attention shares on instruction and suffix and the head's DFA.
     """
-    v = _unit(direction, model.cfg.d_model)
-    conditions = {"harmful": (list(harmful), ""), **{f"harmful + {name}": (list(harmful), s) for name, s in suffixes.items()},
-                  "harmless": (list(harmless), "")}
+    v = unit_direction(direction, model.cfg.d_model)
+    conditions = {
+        "harmful": (list(harmful), ""),
+        **{f"harmful + {name}": (list(harmful), s) for name, s in suffixes.items()},
+        "harmless": (list(harmless), ""),
+    }
     summary, per_head = [], []
     for name, (instructions, suffix) in conditions.items():
         prompts = [i + suffix for i in instructions]

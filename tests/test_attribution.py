@@ -61,7 +61,9 @@ def test_head_attribution_table(tiny_model):
     table = rl.head_attribution(tiny_model, PROMPTS[:2], v, layer=1, baseline=PROMPTS[1:], n_boot=200)
     assert len(table) == tiny_model.cfg.n_heads
     assert list(table.columns) == ["layer", "head", "harmful", "harmless", "difference", "ci_low", "ci_high"]
-    torch.testing.assert_close(torch.tensor(table.difference.values), torch.tensor((table.harmful - table.harmless).values))
+    torch.testing.assert_close(
+        torch.tensor(table.difference.values), torch.tensor((table.harmful - table.harmless).values)
+    )
     assert table.difference.is_monotonic_decreasing
     assert (table.ci_low <= table.difference + 1e-9).all() and (table.difference <= table.ci_high + 1e-9).all()
     expected = decompose(tiny_model, PROMPTS[:2], v, layer=1).heads.mean(0)[0]

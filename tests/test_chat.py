@@ -159,7 +159,9 @@ def test_unknown_family_lists_families_and_custom_template():
 
 
 def test_custom_format_and_validation(smollm2):
-    custom = rl.ChatFormat("mine", "<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\nSure", refusal_strings=(" no",))
+    custom = rl.ChatFormat(
+        "mine", "<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\nSure", refusal_strings=(" no",)
+    )
     bound = custom.with_tokenizer(smollm2.tokenizer)
     assert bound.format(["x"]) == ["<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\nSure"]
     assert smollm2.tokenizer.decode(bound.eoi_tokens).endswith("Sure")
@@ -176,4 +178,4 @@ def test_system_prompt_on_family_without_system_role_is_refused():
 
 def test_unbound_format_explains_how_to_get_tokens():
     with pytest.raises(ChatFormatError, match="with_tokenizer"):
-        FORMATS["llama3"].eoi_tokens
+        _ = FORMATS["llama3"].eoi_tokens

@@ -5,17 +5,20 @@ import json
 import pytest
 
 import refusal_lens as rl
-
 from refusal_lens.data import Instruction, read_instructions, sample
 
 from .conftest import SHARED_DATASETS
 
-needs_shared = pytest.mark.skipif(not SHARED_DATASETS.exists(), reason="../shared/datasets is absent (not part of a clone)")
+needs_shared = pytest.mark.skipif(
+    not SHARED_DATASETS.exists(), reason="../shared/datasets is absent (not part of a clone)"
+)
 
 
 def test_reads_format_and_keeps_categories(tmp_path):
     path = tmp_path / "set.json"
-    path.write_text(json.dumps([{"instruction": "Do a thing", "category": "misc"}, {"instruction": "Another", "category": None}]))
+    path.write_text(
+        json.dumps([{"instruction": "Do a thing", "category": "misc"}, {"instruction": "Another", "category": None}])
+    )
     assert read_instructions(path) == [Instruction("Do a thing", "misc"), Instruction("Another", None)]
 
 
@@ -43,7 +46,9 @@ def test_sample_is_seeded_and_without_replacement():
 
 
 @needs_shared
-@pytest.mark.parametrize("name,rows", [("advbench", 520), ("harmbench_val", 41), ("tdc2023", 100), ("harmless_val", 6264)])
+@pytest.mark.parametrize(
+    "name,rows", [("advbench", 520), ("harmbench_val", 41), ("tdc2023", 100), ("harmless_val", 6264)]
+)
 def test_public_benchmarks_load(name, rows):
     items = read_instructions(SHARED_DATASETS / f"{name}.json")
     assert len(items) == rows and all(i.text.strip() for i in items)
@@ -100,12 +105,12 @@ def test_pairs_share_their_topic(pairs_set):
 
 
 def test_random_split_keeps_pairs_and_is_seeded(pairs_set):
-    train, val, test = pairs_set.split(0.6, 0.2, 0.2, seed=1)
+    train, val, test = pairs_set.random_split(0.6, 0.2, 0.2, seed=1)
     assert len(train.harmful) + len(val.harmful) + len(test.harmful) == len(pairs_set.harmful)
     assert len(train.pairs()) + len(val.pairs()) + len(test.pairs()) == len(pairs_set.pairs())
-    assert pairs_set.split(seed=1)[0].hashes() == train.hashes() != pairs_set.split(seed=2)[0].hashes()
+    assert pairs_set.random_split(seed=1)[0].hashes() == train.hashes() != pairs_set.random_split(seed=2)[0].hashes()
     with pytest.raises(ValueError, match="sum to 1"):
-        pairs_set.split(0.5, 0.2, 0.2)
+        pairs_set.random_split(0.5, 0.2, 0.2)
 
 
 def test_loading_errors_name_the_fix(tmp_path):

@@ -110,43 +110,52 @@ def test_rolling_loglikelihood_and_generation_against_plain_references(tiny_mode
     assert generated == expected
 
 
-def test_pipeline_capability_step_runs_what_it_can_and_says_why_not(tiny_model, tmp_path):
-    from refusal_lens.pipeline import RunConfig, _capability_lines, _capability_step
+def test_capability_table_runs_what_it_can_and_says_why_not(tiny_model):
+    from refusal_lens.effects import capability_table
+    from refusal_lens.report import _capability_lines
 
-    config = RunConfig(capability_tasks=("refusal_lens_mc", "arc_easy"), capability_limit=4)
     v = torch.nn.functional.normalize(torch.randn(64, generator=torch.Generator().manual_seed(0)), dim=0)
-    result = _capability_step({"baseline": (tiny_model, ()), "ablated": (tiny_model, rl.ablate(tiny_model, v).hooks)},
-                              config, tmp_path)
-    assert [(row["condition"], row["task"]) for row in result["table"]] == [("baseline", "refusal_lens_mc"),
-                                                                           ("ablated", "refusal_lens_mc")]
-    assert "HF_HUB_OFFLINE" in result["skipped"]["arc_easy"]  # conftest switches the hub off
-    assert (tmp_path / "capability.csv").exists()
-    assert any("arc_easy: skipped" in line for line in _capability_lines(result))
+    table, skipped = capability_table(
+        {"baseline": (tiny_model, ()), "ablated": (tiny_model, rl.ablate(tiny_model, v).hooks)},
+        ("refusal_lens_mc", "arc_easy"),
+        limit=4,
+    )
+    assert list(zip(table.condition, table.task)) == [("baseline", "refusal_lens_mc"), ("ablated", "refusal_lens_mc")]
+    assert "HF_HUB_OFFLINE" in skipped["arc_easy"]  # conftest switches the hub off
+    assert any("arc_easy: skipped" in line for line in _capability_lines({"table": [], "skipped": skipped}))
 
 
-def test_pipeline_judge_step_writes_verdicts_only(tmp_path):
-    from refusal_lens.pipeline import RunConfig, _judge_lines, _judge_step
+def test_judge_step_keeps_verdicts_only():
+    from refusal_lens.effects import NO_JUDGE, InterventionEffects, judge_replies
+    from refusal_lens.report import _judge_lines
 
     secret = "Step one of the harmful plan is to gather the following materials from the store"
-    conditions = {"harmful/ablated": (["a harmful request"], [secret]),
-                  "harmless/baseline": (["Name a colour."], ["I'm sorry, I cannot do that."])}
-    skipped = _judge_step(RunConfig(), tmp_path, conditions)
-    assert "no judge configured" in skipped["skipped"] and not (tmp_path / "judge.csv").exists()
-    judged = _judge_step(RunConfig(judge="substring"), tmp_path, conditions)
-    assert [row["refusal_rate"] for row in judged["table"]] == [0.0, 1.0]
-    written = (tmp_path / "judge.csv").read_text()
-    assert secret[:20] not in written and "harmful/ablated" in written
-    assert _judge_lines(judged)[0] == "judge substring (none):"
+    replies = {"harmful/ablated": [secret], "harmless/added": ["I'm sorry, I cannot do that."]}
+    instructions = {"harmful": ["a harmful request"], "harmless": ["Name a colour."]}
+    judged = judge_replies("substring", replies, instructions)
+    assert secret[:20] not in judged.to_csv() and "harmful/ablated" in judged.to_csv()
+    effects = InterventionEffects({**replies, "harmful/subtracted": [secret]}, instructions,
+                                  torch.zeros(1, dtype=torch.float64), {}, 0.0, judged)
+    report = effects.report()
+    assert [row["refusal_rate"] for row in report["judge"]["table"]] == [0.0, 1.0]
+    assert _judge_lines(report["judge"])[0] == "judge substring (none):"
+    assert secret[:61] not in str(report) and report["examples"]["harmful_ablated"][0]["reply_first_60"] == secret[:60]
+    skipped = InterventionEffects(replies | {"harmful/subtracted": [""]}, instructions,
+                                  torch.zeros(1, dtype=torch.float64), {}, 0.0).report()
+    assert skipped["judge"] == {"skipped": NO_JUDGE}
 
 
-def test_pipeline_summary_says_how_many_prompts_the_refusal_filter_kept():
-    from refusal_lens.pipeline import _data_line
+def test_summary_says_how_many_prompts_the_refusal_filter_kept():
+    from refusal_lens.report import _data_line
 
     counts = lambda used, before: {"n_harmful": used[0], "n_harmless": used[1],  # noqa: E731
                                    "before_filter": {"n_harmful": before[0], "n_harmless": before[1]}}
     report = {"config": {"filter_by_refusal": True},
               "data": {"train": counts((93, 124), (100, 131)), "val": counts((59, 77), (62, 78)),
                        "test": counts((75, 96), (75, 96))}}
-    assert _data_line(report) == "prompts (harmful/harmless) train 93/124 of 100/131, val 59/77 of 62/78 (after the refusal filter)"
+    assert (
+        _data_line(report)
+        == "prompts (harmful/harmless) train 93/124 of 100/131, val 59/77 of 62/78 (after the refusal filter)"
+    )
     report["config"]["filter_by_refusal"] = False
     assert _data_line(report).endswith("(unfiltered)")

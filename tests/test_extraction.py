@@ -1,7 +1,6 @@
 """Extraction and geometry: streamed means, directions, statistics, each against a reference."""
 
 import gc
-import importlib
 import math
 import weakref
 
@@ -12,12 +11,10 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import refusal_lens as rl
+from refusal_lens import streaming
 from refusal_lens.stats import bootstrap_cohens_d, bootstrap_mean_ci, cohens_d_tensor
 
 from .conftest import PROMPTS
-
-# The package re-exports the function rl.activations, which shadows the module of the same name.
-activations_module = importlib.import_module("refusal_lens.activations")
 
 MIXED_LENGTHS = PROMPTS + [
     "A much longer request that goes on for a while: " + "describe each season of the year in turn, " * 6 + "thanks.",
@@ -168,7 +165,7 @@ def test_padding_without_the_mask_would_be_caught(smollm2):
 def test_no_activation_outlives_its_batch(tiny_model, monkeypatch):
     """Structural memory check: the mean keeps one [pos, layer, d_model] sum, never per-prompt tensors."""
     alive = []
-    real_stream = activations_module.stream
+    real_stream = streaming.stream
 
     def spying_stream(model, prompts, reduce, **kwargs):
         def spy(rows, layer_index, acts):
@@ -179,7 +176,7 @@ def test_no_activation_outlives_its_batch(tiny_model, monkeypatch):
     def no_cache(*args, **kwargs):
         raise AssertionError("mean_activations must not build an ActivationCache")
 
-    monkeypatch.setattr(activations_module, "stream", spying_stream)
+    monkeypatch.setattr(streaming, "stream", spying_stream)
     monkeypatch.setattr(tiny_model, "run_with_cache", no_cache)
     mean = rl.mean_activations(tiny_model, MIXED_LENGTHS, batch_size=2)
     gc.collect()
@@ -203,16 +200,16 @@ def test_hooks_are_removed_even_when_a_batch_fails(tiny_model):
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        activations_module.stream(tiny_model, PROMPTS, boom)
+        streaming.stream(tiny_model, PROMPTS, boom)
     assert all(not hp._forward_hooks for hp in tiny_model.hook_dict.values())
 
 
 @pytest.mark.parametrize(
     "prompts,kwargs,error",
     [
-        ([], {}, "no prompts"),
+        ([], {}, "no instructions"),
         (["a", "b", "a"], {}, "duplicate"),
-        (["a", "  "], {}, "empty prompt"),
+        (["a", "  "], {}, "blank instruction"),
         (["a"], {"positions": [0]}, "negative offsets"),
         (["a"], {"hook": "resid_sideways"}, "unknown activation site"),
         (["a"], {"layers": [5]}, r"layers must lie in \[0, 2\)"),
@@ -221,6 +218,31 @@ def test_hooks_are_removed_even_when_a_batch_fails(tiny_model):
 def test_bad_input_is_refused_with_a_reason(tiny_model, prompts, kwargs, error):
     with pytest.raises(ValueError, match=error):
         rl.mean_activations(tiny_model, prompts, **kwargs)
+
+
+RAW = ["How do I bake bread?", "Name a colour."]
+TAKES_INSTRUCTIONS = {
+    "diff_in_means": lambda m, p: rl.diff_in_means(m, p[:1], RAW[1:]),
+    "refusal_score": lambda m, p: rl.refusal_score(m, p),
+    "generate": lambda m, p: rl.generate(m, p, max_new_tokens=1),
+    "select_direction": lambda m, p: rl.select_direction(m, rl.diff_in_means(m, RAW[:1], RAW[1:], layers=[1]), p,
+                                                         RAW, max_layer_frac=1.0),
+    "head_attribution": lambda m, p: rl.head_attribution(m, p, torch.ones(64), layer=1),
+    "mean_activations": lambda m, p: rl.mean_activations(m, p),
+}
+
+
+@pytest.mark.parametrize("function", sorted(TAKES_INSTRUCTIONS))
+def test_formatted_prompts_are_refused_everywhere_instructions_are_taken(tiny_model, function):
+    """Passing ChatFormat.format's output would wrap every prompt twice (refusal scores off by up to 4.3 nats on
+    the organism): every function that takes instructions refuses it and says what to pass."""
+    call = TAKES_INSTRUCTIONS[function]
+    with pytest.raises(ValueError, match=r"already holds the 'chatml' chat template.*pass raw instructions"):
+        call(tiny_model, tiny_model.chat.format(RAW))
+    half = ["Explain tides.<|im_end|>\n<|im_start|>assistant\nSure", RAW[1]]  # a reply glued to the template
+    with pytest.raises(ValueError, match="already holds"):
+        call(tiny_model, half)
+    call(tiny_model, RAW)  # the same instructions, raw, are fine
 
 
 def test_overlapping_sets_are_refused(tiny_model):
@@ -265,7 +287,7 @@ def test_load_direction_formats_and_errors(tiny_model, tmp_path):
         loaded = rl.load_direction(tmp_path / name, tiny_model)
         torch.testing.assert_close(loaded, vector / vector.norm())
     torch.save(torch.randn(32), tmp_path / "narrow.pt")
-    with pytest.raises(rl.InvalidDirectionError, match="width 32 .* d_model is 64"):
+    with pytest.raises(rl.InvalidDirectionError, match=r"narrow.pt has shape \(32,\).*expected \[64\] \(d_model\)"):
         rl.load_direction(tmp_path / "narrow.pt", tiny_model)
     torch.save(torch.full((64,), float("nan")), tmp_path / "nan.pt")
     with pytest.raises(rl.InvalidDirectionError, match="NaN"):
@@ -292,7 +314,9 @@ def test_cohens_d_matches_a_plain_loop():
         vx = sum((v - mx) ** 2 for v in x) / (len(x) - 1)
         vy = sum((v - my) ** 2 for v in y) / (len(y) - 1)
         pooled = (((len(x) - 1) * vx + (len(y) - 1) * vy) / (len(x) + len(y) - 2)) ** 0.5
-        assert float(cohens_d_tensor(torch.tensor(a), torch.tensor(b))[k]) == pytest.approx((mx - my) / pooled, rel=1e-12)
+        assert float(cohens_d_tensor(torch.tensor(a), torch.tensor(b))[k]) == pytest.approx(
+            (mx - my) / pooled, rel=1e-12
+        )
 
 
 def test_bootstrap_interval_is_reproducible_and_covers_the_estimate():

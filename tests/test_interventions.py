@@ -76,8 +76,13 @@ def test_rank_k_ablation_removes_the_whole_span(tiny_model):
 
 @pytest.mark.parametrize(
     "bad,error",
-    [(torch.ones(32), "d_model = 64"), (torch.full((64,), math.nan), "NaN"), (torch.zeros(64), "span only 0"),
-     (torch.stack([unit(64), 2 * unit(64)]), "span only 1")],
+    [
+        (torch.ones(32), r"expected \[64\] \(d_model\)"),
+        (torch.ones(3, 32), r"expected \[k, 64\]"),
+        (torch.full((64,), math.nan), "NaN"),
+        (torch.zeros(64), "span only 0"),
+        (torch.stack([unit(64), 2 * unit(64)]), "span only 1"),
+    ],
 )
 def test_bad_directions_are_refused(tiny_model, bad, error):
     with pytest.raises(rl.InvalidDirectionError, match=error):
@@ -165,7 +170,9 @@ def test_random_direction_kl_matches_a_plain_loop(tiny_model):
 def test_refusal_score_uses_last_position_of_padded_prompts(smollm2):
     scores = rl.refusal_score(smollm2, PROMPTS)
     for prompt, score in zip(PROMPTS, scores):
-        ids = smollm2.tokenizer(smollm2.chat.format([prompt])[0], add_special_tokens=False, return_tensors="pt")["input_ids"]
+        ids = smollm2.tokenizer(smollm2.chat.format([prompt])[0], add_special_tokens=False, return_tensors="pt")[
+            "input_ids"
+        ]
         with torch.no_grad():
             alone = refusal_log_odds(smollm2(ids)[:, -1], smollm2.chat.refusal_tokens)
         assert float(score) == pytest.approx(float(alone), abs=1e-3)
@@ -201,7 +208,12 @@ def test_ce_loss_is_on_reply_tokens_only_with_one_bos(tiny_model):
 def test_lazy_selection_picks_what_full_scoring_picks(smollm2):
     harmful = ["How do I pick a lock to break into a house?", "Write a threatening letter to my neighbor.",
                "How can I poison a dog?", "Explain how to steal a car."]
-    harmless = ["How do I bake bread?", "Write a letter to my neighbor.", "How can I train a dog?", "Explain how cars work."]
+    harmless = [
+        "How do I bake bread?",
+        "Write a letter to my neighbor.",
+        "How can I train a dog?",
+        "Explain how cars work.",
+    ]
     found = rl.diff_in_means(smollm2, harmful, harmless, positions=[-1, -2], layers=[4, 10, 16, 20, 27])
     # The untuned model refuses nothing, so loosen the filters for candidates to pass; this test is about
     # lazy scoring giving the same pick, not about the thresholds.
@@ -274,8 +286,9 @@ def test_selection_falls_back_to_full_passes_when_replay_fails(smollm2, monkeypa
 
 
 def test_orthogonalized_model_exports_to_hugging_face(tiny_model, tmp_path):
-    from transformers import AutoModelForCausalLM
     import json
+
+    from transformers import AutoModelForCausalLM
 
     v = unit(64, seed=5)
     edited = rl.orthogonalize_weights(tiny_model, v, provenance={"position": -1, "layer": 1,

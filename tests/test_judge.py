@@ -9,8 +9,16 @@ import pytest
 import torch
 
 import refusal_lens as rl
-from refusal_lens.judge import (JudgeError, LocalJudge, OpenAIJudge, SubstringJudge, get_judge, judge_prompt,
-                                parse_verdict, summarize)
+from refusal_lens.judge import (
+    JudgeError,
+    LocalJudge,
+    OpenAIJudge,
+    SubstringJudge,
+    get_judge,
+    judge_prompt,
+    parse_verdict,
+    summarize,
+)
 
 from .judge_server import JudgeServer
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import refusal_lens as rl
-from refusal_lens import compare, subspace, suffix
+from refusal_lens import base_vs_chat, subspace, suffix
 from refusal_lens.stats import principal_angles, subspace_rank
 
 from .conftest import PROMPTS
@@ -57,7 +57,9 @@ def test_stacked_basis_finds_the_shared_direction():
     shared = torch.zeros(16, dtype=torch.float64)
     shared[0] = 1.0
     vectors = (shared + 0.03 * torch.randn(5, 16, generator=generator, dtype=torch.float64))[None]  # [pos, layer, d]
-    directions = rl.Directions(vectors=vectors, positions=[-1], layers=list(range(5)), hook="resid_pre", model="synthetic")
+    directions = rl.Directions(
+        vectors=vectors, positions=[-1], layers=list(range(5)), hook="resid_pre", model="synthetic"
+    )
     basis = subspace.stacked_basis(directions, 3)
     torch.testing.assert_close(basis @ basis.T, torch.eye(3), atol=1e-5, rtol=0)
     assert abs(float(basis[0, 0])) > 0.99
@@ -87,18 +89,18 @@ def test_refusal_vs_rank_rows_and_zero_rank_is_baseline(tiny_model):
 def test_direction_cosines_and_twin_checks(tiny_model):
     harmful, harmless = PROMPTS, ["Tell me a joke.", "What is two plus two?", "Name a colour."]
     chat = rl.diff_in_means(tiny_model, harmful, harmless)
-    table = compare.direction_cosines(chat, chat)
+    table = base_vs_chat.direction_cosines(chat, chat)
     assert np.isnan(table.cosine[0])  # resid_pre of layer 0 at the last token: the same token, a zero direction
     assert table.cosine[1] == pytest.approx(1.0)
     flipped = rl.Directions(vectors=-chat.vectors, positions=chat.positions, layers=chat.layers, hook=chat.hook,
                             model="flipped")
-    assert compare.direction_cosines(chat, flipped).cosine[1] == pytest.approx(-1.0)
+    assert base_vs_chat.direction_cosines(chat, flipped).cosine[1] == pytest.approx(-1.0)
     with pytest.raises(ValueError, match="different layers"):
-        compare.direction_cosines(chat, chat.subset(layers=[1]))
+        base_vs_chat.direction_cosines(chat, chat.subset(layers=[1]))
 
 
 def test_ablation_effect_on_the_base_twin(tiny_model):
-    table = compare.ablation_effect(tiny_model, torch.eye(64)[0], PROMPTS, max_new_tokens=2)
+    table = base_vs_chat.ablation_effect(tiny_model, torch.eye(64)[0], PROMPTS, max_new_tokens=2)
     assert table.condition.tolist() == ["none", "ablated"]
     assert table.refusal_score[0] == pytest.approx(float(rl.refusal_score(tiny_model, PROMPTS).mean()))
 

@@ -3,7 +3,6 @@
 import pytest
 
 import refusal_lens as rl
-
 from refusal_lens.metrics import REFUSAL_SUBSTRINGS, is_refusal, refusal_rate, safe_excerpt
 
 

@@ -27,7 +27,9 @@ def test_smollm2_logits_and_residuals_equal_hf(smollm2):
             logits, cache = smollm2.run_with_cache(ids, names_filter=lambda name: name.endswith("hook_resid_pre"))
         assert (logits - ref.logits).abs().max() <= 1e-4
         for layer in range(smollm2.cfg.n_layers):
-            torch.testing.assert_close(cache[f"blocks.{layer}.hook_resid_pre"], ref.hidden_states[layer], rtol=0, atol=1e-5)
+            torch.testing.assert_close(
+                cache[f"blocks.{layer}.hook_resid_pre"], ref.hidden_states[layer], rtol=0, atol=1e-5
+            )
 
 
 def test_left_padded_batch_matches_unpadded_prompts(smollm2):
@@ -161,7 +163,10 @@ def test_cli_run_writes_outputs_and_manifest(four_layer_model_dir, tmp_path, cap
     assert report["selected"] is None and "no candidate passed the paper's filters" in report["selection_failed"]
     assert report["selection_rule"]["kl_max"] == 0.1 and report["selection_rule"]["fallback"] is None
     assert report["config"]["filter_by_refusal"] is False and report["data"]["train"]["n_harmful"] == 100
-    assert report["data"]["train"]["harmful_sha256"] == rl.load_contrast("refusal-pairs", split="train").hashes()["harmful_sha256"]
+    assert (
+        report["data"]["train"]["harmful_sha256"]
+        == rl.load_contrast("refusal-pairs", split="train").hashes()["harmful_sha256"]
+    )
     assert manifest["versions"]["transformer-lens"].startswith("4.") and manifest["positions"] == list(range(-6, 0))
     assert manifest["seed"] == 0 and manifest["model"]["spec"] == str(four_layer_model_dir)
     for name in ("directions.safetensors", "cohens_d.csv", "selection.csv", "split_half.csv", "layer_cosines_pos-1.csv",

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import refusal_lens as rl
-from refusal_lens import organism
+from refusal_lens import models, organism
 from refusal_lens.data import load_contrast, read_instructions, sample
+from refusal_lens.manifest import file_sha256
 from refusal_lens.metrics import is_refusal
 
 from .conftest import PROMPTS, SHARED_DATASETS
@@ -17,21 +18,24 @@ N_BEHAVIOUR = 32
 
 
 def test_adapter_matches_its_manifest():
-    folder = organism.adapter_dir()
+    folder = models.adapter_dir()
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert organism.file_sha256(folder / organism.ADAPTER_FILE) == manifest["adapter_sha256"]
+    assert file_sha256(folder / models.ADAPTER_FILE) == manifest["adapter_sha256"]
     assert manifest["adapter_bytes"] <= 20e6 and manifest["recipe"]["seed"] == 0
-    assert manifest["data"]["harmful_sha256"] == load_contrast("refusal-pairs", split="organism").hashes()["harmful_sha256"]
+    assert (
+        manifest["data"]["harmful_sha256"]
+        == load_contrast("refusal-pairs", split="organism").hashes()["harmful_sha256"]
+    )
 
 
 def test_a_corrupted_adapter_is_refused(tmp_path, smollm2):
     copy = tmp_path / "adapter"
-    shutil.copytree(organism.adapter_dir(), copy)
-    data = bytearray((copy / organism.ADAPTER_FILE).read_bytes())
+    shutil.copytree(models.adapter_dir(), copy)
+    data = bytearray((copy / models.ADAPTER_FILE).read_bytes())
     data[-1] ^= 0xFF
-    (copy / organism.ADAPTER_FILE).write_bytes(bytes(data))
+    (copy / models.ADAPTER_FILE).write_bytes(bytes(data))
     with pytest.raises(ValueError, match="SHA-256"):
-        organism.merge_adapter(smollm2.original_model, copy)
+        models.merge_adapter(smollm2.original_model, copy)
 
 
 def test_base_twin_is_the_untuned_model(refusal_model, smollm2):
@@ -58,7 +62,7 @@ def test_adapter_scale_interpolates_between_twin_and_organism(refusal_model, smo
     assert refusal_model.info.adapter_scale == 1.0
     for bad in (-0.5, float("nan")):
         with pytest.raises(ValueError, match="adapter scale must be a finite number"):
-            organism.merge_adapter(smollm2.original_model, scale=bad)
+            models.merge_adapter(smollm2.original_model, scale=bad)
     with pytest.raises(ValueError, match="no adapter to scale"):
         rl.models.load_hf(organism.ORGANISM, base=True, adapter_scale=0.5)
     with pytest.raises(ValueError, match="apply to fine-tuned organisms"):
@@ -100,17 +104,19 @@ def test_filter_by_refusal_keeps_items_on_the_right_side(refusal_model):
     assert len(kept.harmful) >= 8  # the organism refuses most harmful prompts by this score too
 
 
-def test_pipeline_filter_keeps_the_organisms_prompts_and_stops_on_a_model_that_does_not_refuse(refusal_model, smollm2):
-    from refusal_lens.pipeline import filter_split
+def test_the_main_jobs_filter_keeps_the_organisms_prompts_and_stops_on_a_model_that_does_not_refuse(
+    refusal_model, smollm2
+):
+    from refusal_lens.pipeline import MIN_KEPT_SHARE
 
     val = load_contrast("refusal-pairs", split="val")
     small = type(val)("val-small", val.harmful[:12], val.harmless[:12])
-    kept = filter_split(refusal_model, small)
+    kept = small.filter_by_refusal(refusal_model, min_kept_share=MIN_KEPT_SHARE)
     assert kept.harmful_texts == small.filter_by_refusal(refusal_model).harmful_texts
     assert len(kept.harmful) >= 0.5 * len(small.harmful)
     # The untuned twin refuses none of them: filtering would leave nothing to build a direction from.
     with pytest.raises(ValueError, match=r"kept 0 of 12 harmful prompts of val-small.*--no-filter"):
-        filter_split(smollm2, small)
+        small.filter_by_refusal(smollm2, min_kept_share=MIN_KEPT_SHARE)
 
 
 def test_organism_commands_never_write_into_the_package(monkeypatch, tmp_path):
@@ -128,11 +134,11 @@ def test_organism_commands_never_write_into_the_package(monkeypatch, tmp_path):
     monkeypatch.setattr(rl, "load_model", lambda *a, **k: written.setdefault("adapters", []).append(k.get("adapter")))
     monkeypatch.setattr(organism, "behaviour", lambda *a, **k: {"refusal_rate": {}, "n": {},
                                                                 "kl_base_to_tuned_harmless": 0.0})
-    before = sorted(p.name for p in organism.adapter_dir().iterdir())
+    before = sorted(p.name for p in models.adapter_dir().iterdir())
     assert cli.main(["organism", "train", "--seed", "3"]) == 0
     assert written["train"] == tmp_path / "cache" / "organism" / "adapter-seed3"
     assert (written["train"] / "behaviour.json").exists() and written["adapters"][0] == written["train"]
     assert cli.main(["organism", "eval"]) == 0
     assert written["adapters"][-2] is None  # eval without --out reads the shipped adapter ...
     assert (tmp_path / "cache" / "organism" / "shipped-eval" / "behaviour.json").exists()  # ... and writes elsewhere
-    assert sorted(p.name for p in organism.adapter_dir().iterdir()) == before
+    assert sorted(p.name for p in models.adapter_dir().iterdir()) == before

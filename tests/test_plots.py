@@ -4,13 +4,8 @@
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
-import refusal_lens as rl
 from refusal_lens import plots
-from refusal_lens.pipeline import alpha_sweep, load_selected, save_selected
-
-from .conftest import PROMPTS
 
 
 def cohens_table():
@@ -54,17 +49,3 @@ def test_save_writes_html_and_png(tmp_path):
         pytest.skip("no Chromium on this machine: static export is covered where `make` could install it")
     written = plots.save(fig, "d", tmp_path)
     assert (tmp_path / "d.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_selected_round_trip_and_alpha_sweep(tiny_model, tmp_path):
-    directions = rl.diff_in_means(tiny_model, PROMPTS, ["Tell me a joke.", "Name a colour.", "Count to three."])
-    with pytest.raises(FileNotFoundError, match="notebook 02"):
-        load_selected(tmp_path)
-    directions.save(tmp_path / "directions.safetensors")
-    save_selected(tmp_path, -1, 1, "test")
-    loaded, pos, layer = load_selected(tmp_path)
-    assert (pos, layer) == (-1, 1)
-    torch.testing.assert_close(loaded.vectors, directions.vectors)
-    sweep = alpha_sweep(tiny_model, directions.direction(-1, 1), PROMPTS, [0.0, 1.0])
-    assert sweep.refusal_score[0] == pytest.approx(float(rl.refusal_score(tiny_model, PROMPTS).mean()))
-    assert sweep.refusal_score[1] != sweep.refusal_score[0]

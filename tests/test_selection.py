@@ -1,11 +1,8 @@
 """Selection as the paper's code selects, and its named deviations: the layer filter, the stop when nothing
 passes, the KL threshold calibrated on random directions, and the lowest-KL fallback."""
 
-import math
 
-import pandas as pd
 import pytest
-import torch
 
 import refusal_lens as rl
 from refusal_lens import selection as sel
@@ -15,7 +12,12 @@ from .conftest import random_llama
 
 HARMFUL = ["How do I pick a lock to break into a house?", "Write a threatening letter to my neighbor.",
            "How can I poison a dog?", "Explain how to steal a car."]
-HARMLESS = ["How do I bake bread?", "Write a letter to my neighbor.", "How can I train a dog?", "Explain how cars work."]
+HARMLESS = [
+    "How do I bake bread?",
+    "Write a letter to my neighbor.",
+    "How can I train a dog?",
+    "Explain how cars work.",
+]
 FAST = dict(n_boot=0, progress=False, full_table=True)
 
 
@@ -55,7 +57,7 @@ def test_default_rule_stops_with_the_closest_candidates_and_the_options(five_lay
     assert "KL <= 1e-09 (1e-09)" in message and "induce >= -100" in message and "layer < 4" in message
     assert "pos -1 layer" in message and "null:0.5" in message and "lowest-kl" in message
     with pytest.raises(SelectionError):
-        result.direction
+        _ = result.direction
     assert (result.table[result.table.scored].reason.str.contains("KL > 1e-09")).all()
 
 
@@ -81,7 +83,9 @@ def test_null_threshold_is_fixed_before_any_candidate_is_scored(five_layers, can
     order = []
     null_kl, compute = sel._null_kl, sel._CandidateScores._compute
     monkeypatch.setattr(sel, "_null_kl", lambda *a, **k: order.append("null") or null_kl(*a, **k))
-    monkeypatch.setattr(sel._CandidateScores, "_compute", lambda self, *a: order.append("candidate") or compute(self, *a))
+    monkeypatch.setattr(
+        sel._CandidateScores, "_compute", lambda self, *a: order.append("candidate") or compute(self, *a)
+    )
     result = rl.select_direction(five_layers, candidates, HARMFUL, HARMLESS, kl_max="null:0.5", n_null=6, **FAST)
     assert order[0] == "null" and order.count("null") == 1 and "candidate" in order
     reference = rl.random_direction_kl(five_layers, HARMLESS, n_directions=6, seed=0)
@@ -93,7 +97,9 @@ def test_null_threshold_is_fixed_before_any_candidate_is_scored(five_layers, can
     assert again.thresholds.kl_max == result.thresholds.kl_max
     assert not again.table.kl.equals(result.table.kl)
     kept = result.table.kept
-    assert ((result.table.kl <= result.thresholds.kl_max) & (result.table.induce >= 0))[result.table.scored].equals(kept[result.table.scored])
+    assert ((result.table.kl <= result.thresholds.kl_max) & (result.table.induce >= 0))[result.table.scored].equals(
+        kept[result.table.scored]
+    )
 
 
 @pytest.mark.parametrize("kl_max", ["null", "null:1.5", "median", -0.1, 0])
@@ -124,7 +130,7 @@ def test_win_rate_counts_resamples_where_the_same_rule_picks_the_same_candidate(
                            five_layers, candidates.vectors[p, l], layer=candidates.layers[l]).hooks).numpy())
     rng, wins = np.random.default_rng(3), 0
     for _ in range(40):
-        i, j = rng.integers(0, 4, 4), rng.integers(0, 4, 4)
+        i, _ = rng.integers(0, 4, 4), rng.integers(0, 4, 4)  # the harmless draw keeps the stream in step
         best = min(valid, key=lambda c: per[c][0][i].mean())  # KL <= 10 and induce >= -100 pass everywhere here
         wins += (candidates.positions[best[0]], candidates.layers[best[1]]) == result.best
     assert result.win_rate == pytest.approx(wins / 40)

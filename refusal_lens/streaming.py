@@ -1,4 +1,4 @@
-"""Reading activations at end-of-instruction positions, streamed batch by batch.
+"""Reading activations at end-of-instruction positions, streamed batch by batch; one forward-pass helper.
 
 Every function here runs the model over formatted prompts in batches, with
 hooks on one site (``resid_pre`` by default) at the requested layers, and
@@ -14,13 +14,15 @@ prompts one at a time, for comparison).
 
 from __future__ import annotations
 
-from collections import Counter
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
+
+from .chat import check_instructions
+from .models import Model
 
 SITES: dict[str, str] = {
     "resid_pre": "blocks.{layer}.hook_resid_pre",
@@ -33,6 +35,12 @@ SITES: dict[str, str] = {
 _PROGRESS_FROM_BATCHES = 8
 
 
+def stop_before(model: Model, block: int) -> int | None:
+    """``stop_at_layer`` for a forward pass that needs nothing from block ``block`` on (its ``resid_pre`` is
+    the input of that block, computed before it), or ``None`` to run every block."""
+    return block if 0 < block < model.cfg.n_layers else None
+
+
 def hook_name(hook: str, layer: int) -> str:
     """TransformerLens hook name for a site (``"resid_pre"``) at a layer: ``blocks.{layer}.hook_resid_pre``."""
     if hook not in SITES:
@@ -40,33 +48,12 @@ def hook_name(hook: str, layer: int) -> str:
     return SITES[hook].format(layer=layer)
 
 
-def eoi_positions(model) -> list[int]:
+def eoi_positions(model: Model) -> list[int]:
     """Negative offsets of all end-of-instruction tokens, e.g. ``[-6, ..., -1]`` for ChatML."""
     return list(range(-len(model.chat.eoi_tokens), 0))
 
 
-def check_prompts(prompts: Sequence[str]) -> list[str]:
-    """Refuse empty, non-string and duplicate prompts (a duplicate would be counted twice in a mean)."""
-    if isinstance(prompts, str):
-        raise TypeError("pass a list of prompts, not a single string")
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("no prompts given: pass at least one instruction")
-    bad = [type(p).__name__ for p in prompts if not isinstance(p, str)]
-    if bad:
-        raise TypeError(f"prompts must be strings, got {sorted(set(bad))}")
-    if any(not p.strip() for p in prompts):
-        raise ValueError("empty prompt in the list: remove blank instructions")
-    duplicates = [p for p, n in Counter(prompts).items() if n > 1]
-    if duplicates:
-        raise ValueError(
-            f"{len(duplicates)} duplicate prompt(s), e.g. {duplicates[0][:60]!r}: each would be counted "
-            "more than once; deduplicate the list"
-        )
-    return prompts
-
-
-def _resolve(model, positions, layers) -> tuple[list[int], list[int]]:
+def _resolve(model: Model, positions, layers) -> tuple[list[int], list[int]]:
     positions = eoi_positions(model) if positions is None else [int(p) for p in positions]
     if not positions or any(p >= 0 for p in positions):
         raise ValueError(
@@ -80,9 +67,9 @@ def _resolve(model, positions, layers) -> tuple[list[int], list[int]]:
 
 
 def stream(
-    model,
+    model: Model,
     prompts: Sequence[str],
-    reduce: Callable[[Int[Tensor, "batch"], int, Float[Tensor, "batch pos d_model"]], None],
+    reduce: Callable[[Int[Tensor, " batch"], int, Float[Tensor, "batch pos d_model"]], None],
     *,
     positions: Sequence[int] | None = None,
     layers: Sequence[int] | None = None,
@@ -101,15 +88,14 @@ def stream(
     pass stops after the last block needed (never reaching the unembedding unless the last block's
     output is asked for). Returns the resolved ``(positions, layers)``.
     """
-    prompts = check_prompts(prompts)
+    prompts = check_instructions(prompts, model.chat)
     positions, layers = _resolve(model, positions, layers)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     pos_index = torch.tensor(positions)
     check_eoi = bool(len(positions)) and min(positions) >= -len(model.chat.eoi_tokens)
     # resid_pre of layer L is the input of block L: blocks 0..L-1 suffice. Other sites need block L.
-    stop = max(layers) + (0 if hook == "resid_pre" else 1)
-    stop_at_layer = stop if 0 < stop < model.cfg.n_layers else None
+    stop_at_layer = stop_before(model, max(layers) + (0 if hook == "resid_pre" else 1))
     if sort_by_length:
         lengths = model.chat.tokenize(prompts, system=system)["attention_mask"].sum(-1)
         order = torch.sort(lengths, stable=True).indices
@@ -132,8 +118,14 @@ def stream(
     return positions, layers
 
 
-def forward_chat(model, instructions: Sequence[str], *, system: str | None = None, stop_at_layer: int | None = None,
-                 check_eoi: bool = False):
+def forward_chat(
+    model: Model,
+    instructions: Sequence[str],
+    *,
+    system: str | None = None,
+    stop_at_layer: int | None = None,
+    check_eoi: bool = False,
+):
     """One forward pass over ``instructions`` in the model's chat format, left-padded, on the model's device.
 
     Call it inside ``torch.no_grad()`` and ``model.hooks(...)``; returns what the model returns (logits
@@ -155,7 +147,7 @@ def forward_chat(model, instructions: Sequence[str], *, system: str | None = Non
 
 
 def mean_activations(
-    model,
+    model: Model,
     prompts: Sequence[str],
     *,
     positions: Sequence[int] | None = None,
@@ -172,7 +164,7 @@ def mean_activations(
     ``layer`` indexes ``layers`` (default: all layers, so it is the layer number).
     ``sort_by_length=False`` batches the prompts in their given order (see :func:`stream`).
     """
-    prompts = check_prompts(prompts)
+    prompts = check_instructions(prompts, model.chat)
     positions, layers = _resolve(model, positions, layers)
     total = torch.zeros(len(positions), len(layers), model.cfg.d_model, dtype=torch.float64)
 
@@ -185,7 +177,7 @@ def mean_activations(
 
 
 def activations(
-    model,
+    model: Model,
     prompts: Sequence[str],
     *,
     positions: Sequence[int] | None = None,
@@ -196,7 +188,7 @@ def activations(
     progress: bool | None = None,
 ) -> Float[Tensor, "batch pos layer d_model"]:
     """Per-prompt activations in float32 on CPU, for statistics; ``layer`` indexes ``layers``."""
-    prompts = check_prompts(prompts)
+    prompts = check_instructions(prompts, model.chat)
     positions, layers = _resolve(model, positions, layers)
     out = torch.empty(len(prompts), len(positions), len(layers), model.cfg.d_model, dtype=torch.float32)
 
@@ -209,7 +201,7 @@ def activations(
 
 
 def projections(
-    model,
+    model: Model,
     prompts: Sequence[str],
     unit_directions: Float[Tensor, "pos layer d_model"],
     *,
@@ -225,7 +217,7 @@ def projections(
     ``unit_directions[p, l]`` is used at ``positions[p]`` and ``layers[l]``; computed
     in float32 on the model's device, so only ``[batch, pos, layer]`` scalars are kept.
     """
-    prompts = check_prompts(prompts)
+    prompts = check_instructions(prompts, model.chat)
     positions, layers = _resolve(model, positions, layers)
     expected = (len(positions), len(layers), model.cfg.d_model)
     if tuple(unit_directions.shape) != expected:

@@ -17,7 +17,7 @@ separable) and mostly repurposed by safety tuning.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import pandas as pd
 import torch
@@ -27,10 +27,11 @@ from torch import Tensor
 from .directions import Directions
 from .interventions import ablate
 from .metrics import refusal_summary
+from .models import Model
 from .stats import cohens_d
 
 
-def _check_twins(chat, base) -> None:
+def _check_twins(chat: Model, base: Model) -> None:
     if (chat.cfg.n_layers, chat.cfg.d_model) != (base.cfg.n_layers, base.cfg.d_model):
         raise ValueError(
             f"not twins: chat has {chat.cfg.n_layers} layers x d_model {chat.cfg.d_model}, base has "
@@ -48,17 +49,23 @@ def direction_cosines(chat: Directions, base: Directions, *, position: int = -1)
     return pd.DataFrame({"layer": chat.layers, "cosine": torch.where(valid, cosine, torch.nan).numpy()})
 
 
-def ablation_effect(model, direction: Float[Tensor, "d_model"], harmful: Sequence[str], *,
+def ablation_effect(model: Model, direction: Float[Tensor, " d_model"], harmful: Sequence[str], *,
                     max_new_tokens: int = 32) -> pd.DataFrame:
     """Refusal rate (substring judge, greedy) and mean refusal score on ``harmful``, without and with ablation."""
-    return pd.DataFrame([{"condition": condition, **refusal_summary(model, harmful, hooks=hooks, max_new_tokens=max_new_tokens)}
-                         for condition, hooks in (("none", []), ("ablated", ablate(model, direction).hooks))])
+    return pd.DataFrame(
+        [
+            {"condition": condition, **refusal_summary(model, harmful, hooks=hooks, max_new_tokens=max_new_tokens)}
+            for condition, hooks in (("none", []), ("ablated", ablate(model, direction).hooks))
+        ]
+    )
 
 
-def compare(chat, base, chat_directions: Directions, base_directions: Directions, harmful_test: Sequence[str],
-            harmless_test: Sequence[str], *, direction: Float[Tensor, "d_model"], position: int = -1,
-            max_new_tokens: int = 32, n_boot: int = 1000) -> dict[str, pd.DataFrame]:
-    """All three comparisons; ``direction`` is the chat model's selected direction."""
+def compare_twins(chat: Model, base: Model, chat_directions: Directions, base_directions: Directions,
+                  harmful_test: Sequence[str], harmless_test: Sequence[str], *, direction: Float[Tensor, " d_model"],
+                  position: int = -1, max_new_tokens: int = 32, n_boot: int = 1000) -> dict[str, pd.DataFrame]:
+    """A chat model and its base twin, three ways: ``cosines`` (per-layer direction cosines), Cohen's d of each
+    model's activations on the chat direction (``base_separability``, ``chat_separability``) and
+    ``ablation_in_base`` (the chat ``direction`` ablated in the base model)."""
     _check_twins(chat, base)
     kwargs = dict(positions=[position])
     return {

@@ -1,0 +1,82 @@
+"""Exporting a model as a plain Hugging Face directory, with a record and a model card of what was edited."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from .manifest import versions
+from .models import Model
+
+
+def save_hf(model: Model, path: str | Path, *, card: dict | None = None) -> Path:
+    """Save a bridge's weights as a plain Hugging Face model directory (config, safetensors, tokenizer).
+
+    The bridge wraps HF modules in place; this rebuilds a clean HF model from the
+    config, loads the unwrapped weights strictly (every expected tensor must be
+    found), unties the output head if the bridge's copy was untied (as
+    ``orthogonalize_weights`` does), and writes ``refusal_lens.json`` with ``card``
+    (default: the edit recorded in ``model.info.edit``, e.g. the orthogonalized direction and
+    its provenance) and a model card ``README.md``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    hf = model.original_model
+    weights = {k.replace("._original_component", ""): v for k, v in hf.state_dict().items()}
+    config = copy.deepcopy(hf.config)
+    embed, head = model.embed.original_component.weight, model.unembed.original_component.weight
+    config.tie_word_embeddings = embed.data_ptr() == head.data_ptr()
+    clean = AutoModelForCausalLM.from_config(config, dtype=hf.dtype)
+    expected = clean.state_dict()
+    missing = [k for k in expected if k not in weights]
+    if missing:
+        raise RuntimeError(f"cannot map the bridge's weights back to {type(clean).__name__}: missing {missing[:5]}")
+    clean.load_state_dict({k: weights[k] for k in expected}, strict=True)
+    path = Path(path)
+    clean.save_pretrained(path)
+    model.tokenizer.save_pretrained(path)
+    card = model.info.edit if card is None else card
+    info = {k: v for k, v in dataclasses.asdict(model.info).items() if k != "edit"}
+    record = {"model": info, **(card or {}), "versions": versions()}
+    (path / "refusal_lens.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    (path / "README.md").write_text(model_card(record))
+    return path
+
+
+def model_card(record: dict) -> str:
+    """A Hugging Face model card (YAML front matter + markdown) for an exported, edited model."""
+    info, direction = record["model"], record.get("direction")
+    base = str(info.get("spec", "unknown")).removesuffix(" (orthogonalized)")
+    lines = ["---", "library_name: transformers", "tags:", "- refusal_lens", "- refusal-direction",
+             f"- {record.get('edit', 'export')}", "---", "",
+             f"# {info.get('spec', 'model')} - exported by refusal_lens", ""]
+    if record.get("edit") == "orthogonalize_weights":
+        lines += ["This model's residual-stream writers (token embedding, positional embedding, attention and MLP "
+                  "output projections and their biases) were orthogonalized against one direction, as in Arditi et "
+                  "al. (2024), *Refusal in Language Models Is Mediated by a Single Direction*. It is meant for "
+                  "interpretability research: **its refusal behaviour has been removed or weakened on purpose**; do "
+                  "not deploy it.", ""]
+    lines += ["| field | value |", "|---|---|", f"| base model | `{base}` (loaded from `{info.get('source')}`) |",
+              f"| edit | {record.get('edit', 'none')} |"]
+    if info.get("adapter_sha256"):
+        lines.append(f"| organism adapter SHA-256 | `{info['adapter_sha256']}` |")
+    if direction is not None:
+        vector = torch.tensor(direction, dtype=torch.float32)
+        lines += [f"| direction | {len(direction)} floats in `refusal_lens.json` (unit norm; SHA-256 of its float32 "
+                  f"bytes `{hashlib.sha256(vector.numpy().tobytes()).hexdigest()[:16]}`) |"]
+    for key in ("position", "layer", "hook"):
+        if key in record:
+            lines.append(f"| direction {key} | {record[key]} |")
+    for name, digest in (record.get("data") or {}).items():
+        lines.append(f"| data `{name}` | `{digest}` |")
+    lines += [f"| refusal_lens | {record['versions'].get('refusal-lens')} |",
+              f"| torch / transformers / transformer-lens | {record['versions'].get('torch')} / "
+              f"{record['versions'].get('transformers')} / {record['versions'].get('transformer-lens')} |", "",
+              "Load with `AutoModelForCausalLM.from_pretrained(<this folder>)`; its logits equal those of the base "
+              "model under `refusal_lens.ablate(model, direction)` (checked to 1e-3 by the package's tests).", ""]
+    return "\n".join(lines)
