@@ -15,7 +15,7 @@ never moves a real token's position.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from importlib.resources import files
 from pathlib import Path
 
@@ -48,7 +48,7 @@ class RefusalLensLM(_require_lm_eval()):
     """lm-eval ``LM`` over a refusal_lens model, with ``hooks`` (``(hook_name, fn)`` pairs, e.g.
     ``rl.ablate(model, direction)``) active in every forward pass and during generation."""
 
-    def __init__(self, model: Model, *, hooks: Sequence = (), batch_size: int = 16, max_length: int | None = None):
+    def __init__(self, model: Model, *, hooks: Iterable = (), batch_size: int = 16, max_length: int | None = None):
         super().__init__()
         self.model, self.hooks, self.batch_size = model, list(hooks), batch_size
         self.tokenizer = model.tokenizer
@@ -117,7 +117,7 @@ def _task_manager():
     return TaskManager(include_path=str(tasks_dir()))
 
 
-def evaluate(model: Model, tasks: Sequence[str] = (LOCAL_TASK,), *, hooks: Sequence = (), limit: int | None = None,
+def evaluate(model: Model, tasks: Sequence[str] = (LOCAL_TASK,), *, hooks: Iterable = (), limit: int | None = None,
              batch_size: int = 16, num_fewshot: int | None = None, seed: int = 0) -> dict[str, dict[str, float]]:
     """``{task: {metric: value}}`` from ``lm_eval.simple_evaluate`` on ``model`` with ``hooks`` active.
 

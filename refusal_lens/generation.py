@@ -7,7 +7,7 @@ Face ``generate`` runs on the bridge's wrapped model, so TransformerLens hooks
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -26,7 +26,7 @@ def generate_tokens(
     temperature: float = 1.0,
     top_p: float = 1.0,
     seed: int = 0,
-    hooks: Sequence = (),
+    hooks: Iterable = (),
     system: str | None = None,
     progress: bool | None = None,
 ) -> list[list[int]]:
@@ -73,7 +73,7 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     seed: int = 0,
-    hooks: Sequence = (),
+    hooks: Iterable = (),
     system: str | None = None,
     progress: bool | None = None,
 ) -> list[str]:

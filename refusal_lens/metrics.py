@@ -20,7 +20,7 @@ refusals phrased otherwise and flags replies that merely quote such a phrase.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import pandas as pd
 import torch
@@ -79,7 +79,7 @@ def safe_excerpt(text: str, limit: int = 60) -> str:
 LAST_POSITION_ONLY = ("ln_final.hook_in", lambda x, hook: x[:, -1:])
 
 
-def last_token_logits(model: Model, instructions: Sequence[str], *, hooks: Sequence = (), batch_size: int = 32,
+def last_token_logits(model: Model, instructions: Sequence[str], *, hooks: Iterable = (), batch_size: int = 32,
                       system: str | None = None) -> Float[Tensor, "batch d_vocab"]:
     """Logits after the last prompt token (float32, CPU), with ``hooks`` active."""
     instructions = check_instructions(instructions, model.chat)
@@ -113,7 +113,7 @@ def refusal_log_odds(logits: Float[Tensor, "batch d_vocab"], refusal_tokens: Seq
     return torch.log(p + epsilon) - torch.log(1 - p + epsilon)
 
 
-def refusal_score(model: Model, instructions: Sequence[str], *, hooks: Sequence = (), batch_size: int = 32,
+def refusal_score(model: Model, instructions: Sequence[str], *, hooks: Iterable = (), batch_size: int = 32,
                   epsilon: float = REFUSAL_SCORE_EPSILON) -> Float[Tensor, " batch"]:
     """Per-prompt refusal score at the last position (float64, nats; see :func:`refusal_log_odds`):
     positive when the model is more likely than not to begin with a refusal token."""
@@ -136,7 +136,7 @@ def kl_divergence(reference_logits: Float[Tensor, "batch d_vocab"], logits: Floa
     return (p * (torch.log(p + epsilon) - torch.log(q + epsilon))).sum(-1)
 
 
-def kl_last_token(model: Model, instructions: Sequence[str], *, hooks: Sequence, batch_size: int = 32,
+def kl_last_token(model: Model, instructions: Sequence[str], *, hooks: Iterable, batch_size: int = 32,
                   epsilon: float = KL_EPSILON) -> Float[Tensor, " batch"]:
     """KL(unmodified || with ``hooks``) of the next-token distribution after each prompt, in nats."""
     reference = last_token_logits(model, instructions, batch_size=batch_size)
@@ -144,7 +144,7 @@ def kl_last_token(model: Model, instructions: Sequence[str], *, hooks: Sequence,
                          epsilon=epsilon)
 
 
-def refusal_summary(model: Model, instructions: Sequence[str], *, hooks: Sequence = (), max_new_tokens: int = 32,
+def refusal_summary(model: Model, instructions: Sequence[str], *, hooks: Iterable = (), max_new_tokens: int = 32,
                     batch_size: int = 32) -> dict[str, float]:
     """``refusal_rate`` (greedy completions, substring judge; the completions are not kept) and mean
     ``refusal_score`` (last-position log-odds) of ``instructions`` with ``hooks`` active."""
@@ -156,7 +156,7 @@ def refusal_summary(model: Model, instructions: Sequence[str], *, hooks: Sequenc
 
 
 def refusal_by_length(model: Model, instructions: Sequence[str], lengths: Sequence[int] = (48, 128), *,
-                      hooks: Sequence = (), batch_size: int = 32) -> pd.DataFrame:
+                      hooks: Iterable = (), batch_size: int = 32) -> pd.DataFrame:
     """Substring-judge verdicts of the same greedy replies cut at several lengths (new tokens).
 
     One greedy generation of ``max(lengths)`` tokens; greedy decoding makes its first ``n`` tokens the
@@ -173,7 +173,7 @@ def refusal_by_length(model: Model, instructions: Sequence[str], lengths: Sequen
                          **{f"refused_{n}": [is_refusal(decode(model, row[:n])) for row in tokens] for n in lengths}})
 
 
-def ce_loss(model: Model, instructions: Sequence[str], replies: Sequence[str], *, hooks: Sequence = (),
+def ce_loss(model: Model, instructions: Sequence[str], replies: Sequence[str], *, hooks: Iterable = (),
             batch_size: int = 8) -> float:
     """Mean cross-entropy (nats per token) of each reply given its instruction in the model's chat format,
     on the reply tokens only, with ``hooks`` active.
@@ -195,7 +195,7 @@ def ce_loss(model: Model, instructions: Sequence[str], replies: Sequence[str], *
     return -sum(logprob for logprob, _ in scored) / sum(map(len, targets))
 
 
-def continuation_logprobs(model: Model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, hooks: Sequence = (),
+def continuation_logprobs(model: Model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, hooks: Iterable = (),
                           batch_size: int = 16, max_length: int | None = None) -> list[tuple[float, bool]]:
     """For each ``(context ids, continuation ids)``: the summed log-probability of the continuation given the
     context (float64, nats) and whether greedy decoding would produce it, with ``hooks`` active.

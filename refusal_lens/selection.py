@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -183,7 +183,7 @@ class _Scorer:
         ]
         self.block_inputs: list[dict[int, tuple[Tensor, dict]]] = []
 
-    def logits(self, hooks: Sequence = (), *, record_from: int | None = None) -> Float[Tensor, "batch d_vocab"]:
+    def logits(self, hooks: Iterable = (), *, record_from: int | None = None) -> Float[Tensor, "batch d_vocab"]:
         device = self.model.cfg.device
         recorded: dict[int, tuple[Tensor, dict]] = {}
 
@@ -209,7 +209,7 @@ class _Scorer:
                 handle.remove()
         return torch.cat(rows)
 
-    def logits_from(self, layer: int, hooks: Sequence = ()) -> Float[Tensor, "batch d_vocab"]:
+    def logits_from(self, layer: int, hooks: Iterable = ()) -> Float[Tensor, "batch d_vocab"]:
         """Last-position logits from the recorded input of block ``layer`` on, with ``hooks`` active."""
         model, rows = self.model, []
         with torch.no_grad(), model.hooks(fwd_hooks=list(hooks)):

@@ -5,6 +5,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 import refusal_lens as rl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,3 +87,15 @@ def test_readme_api_section_lists_exactly_the_public_surface():
                                                   sorted(set(listed) - set(rl.__all__)))
     assert len(listed) == len(set(listed))
     assert all(hasattr(rl, name) for name in rl.__all__)
+
+
+def test_shape_annotations_are_checked_at_test_time():
+    """pyproject's --jaxtyping-packages puts beartype on the package: a width mismatch between two arguments
+    annotated with the same ``d_model`` fails at the call, before any arithmetic; ints pass as floats (PEP 484)."""
+    import jaxtyping
+    import torch
+
+    with pytest.raises(jaxtyping.TypeCheckError, match="d_model"):
+        rl.stats.principal_angles(torch.randn(2, 8), torch.randn(3, 9))
+    assert rl.stats.principal_angles(torch.eye(2, 8), torch.eye(2, 8)).shape == (2,)
+    assert rl.stats.subspace_rank(torch.randn(4, 8), variance=1)["rank_for_variance"] >= 1
