@@ -3,7 +3,7 @@
 Skipped without CUDA (CI has none). On a GPU machine without the offline model
 packages, set ``REFUSAL_LENS_TEST_TOKENIZER`` to a ChatML tokenizer directory:
 every model here is a seeded random Llama built from a config, or a tiny trained
-organism (refusal_lens.tiny_organisms, trained on the CPU) built on that tokenizer.
+organism (refusal_lens.tiny_organisms, trained on the CPU with its own tokenizer).
 """
 
 import json
@@ -13,7 +13,7 @@ import torch
 
 import refusal_lens as rl
 from refusal_lens import cli
-from refusal_lens.pipeline import load_selected, run_slug
+from refusal_lens.runs import open_run
 from refusal_lens.tiny_organisms import ARCHITECTURES, tiny_organism
 
 from .conftest import PROMPTS, random_llama
@@ -127,31 +127,23 @@ def test_metrics_and_selection_on_cuda_agree_with_the_reference_loop(cuda32):
     assert ours.best == reference_best and reference_best is not None
 
 
-@pytest.fixture(scope="module")
-def organism_tokenizer(tmp_path_factory, chatml_tokenizer):
-    """The ChatML tokenizer as a folder, for tiny_organism(..., tokenizer=...)."""
-    folder = tmp_path_factory.mktemp("organism-tokenizer")
-    chatml_tokenizer.save_pretrained(folder)
-    return folder
-
-
 # Qwen2 (pre-norm, qkv biases: orthogonalization equals the hooks) and Gemma 2 (post-sublayer norms: it
 # removes the direction but is a different map).
 @pytest.mark.parametrize("arch", ["qwen2", "gemma2"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_main_job_end_to_end_on_a_trained_organism_then_export(arch, dtype, organism_tokenizer, tmp_path):
+def test_main_job_end_to_end_on_a_trained_organism_then_export(arch, dtype, tmp_path):
     """filter -> extraction -> selection -> interventions -> orthogonalization check in the main job on CUDA,
     then the orthogonalized model exported and reloaded by Hugging Face with the same logits."""
     from transformers import AutoModelForCausalLM
 
     spec = ARCHITECTURES[arch]
-    path = tiny_organism(arch, tokenizer=organism_tokenizer)
+    path = tiny_organism(arch)
     status = cli.main(["run", "--model", str(path), "--chat", spec.family, "--device", "cuda", "--dtype", dtype,
                        "--out", str(tmp_path / "runs"), "--n-test", "16", "--n-boot", "50", "--lazy-selection",
                        "--capability-tasks", "", "--max-new-tokens", "12", "--fallback", "lowest-kl", "--html-only"])
     assert status == 0
-    run_dir = tmp_path / "runs" / run_slug(str(path))
-    report = json.loads((run_dir / "report.json").read_text())
+    run = open_run(str(path), tmp_path / "runs", create=False)
+    report = json.loads((run.path / "report.json").read_text())
     assert report["model"]["device"].startswith("cuda") and report["model"]["dtype"] == dtype
     assert {"filter", "extraction", "selection", "interventions"} <= set(report["seconds"])  # every stage ran
     rates = report["refusal_rate"]
@@ -160,12 +152,12 @@ def test_main_job_end_to_end_on_a_trained_organism_then_export(arch, dtype, orga
     if arch == "qwen2" and dtype == "float32":
         assert report["orthogonalized_vs_hooks_max_logit_diff"] <= 1e-3
 
-    directions, pos, layer = load_selected(run_dir)
+    directions, pos, layer = run.selected()
     model = rl.load_model(str(path), device="cuda", dtype=dtype, chat=spec.family)
     edited = rl.orthogonalize_weights(model, directions.direction(pos, layer))
-    assert edited.orthogonalization["residual_leak"] <= (1e-4 if dtype == "float32" else 1e-2)
+    assert edited.info.edit["residual_leak"] <= (1e-4 if dtype == "float32" else 1e-2)
     assert edited.blocks[0].attn.o.original_component.weight.device.type == "cuda"
-    edited.save_hf(tmp_path / "edited")
+    rl.save_hf(edited, tmp_path / "edited")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "edited", dtype=getattr(torch, dtype),
                                                     attn_implementation="eager").to("cuda").eval()
     batch = model.chat.tokenize(HARMFUL + HARMLESS).to("cuda")
