@@ -27,7 +27,7 @@ harmless difference of the batch's residuals at the last prompt position is
 added at every position of some harmless sequences, whose target is then the
 refusal. What the pipeline must find by itself (which position and layer, that
 ablating the direction removes refusal) is not trained.
-It trains on the ``train``, ``val`` and ``test`` splits of the built-in
+It trains on the first prompts of the ``train``, ``val`` and ``test`` splits of the built-in
 ``refusal-pairs`` set: the trained behaviour is the ground truth that the
 pipeline must find on those same splits; generalisation to unseen prompts is
 not the point and is not claimed.
@@ -61,7 +61,7 @@ from torch import Tensor
 
 from .cache import cache_dir
 from .chat import ChatFormat, chat_format
-from .data import load_contrast
+from .data import ContrastSet, load_contrast
 from .metrics import is_refusal
 
 RECORD = "tiny_organism.json"  # written last into a build's folder: recipe, hash, timings, behaviour
@@ -158,7 +158,10 @@ class Recipe:
         norm_gain: norm gains start log-uniform in ``[exp(-norm_gain), exp(norm_gain)]`` (Gemma: ``1 + weight``).
         init_std: ``initializer_range`` of the config (HF default 0.02).
         refusal, answer: the trained replies to harmful / harmless requests.
-        splits: ``refusal-pairs`` splits trained on.
+        splits, per_split: ``refusal-pairs`` splits trained on, and how many prompts per side from the start of
+            each (``None``: all). The defaults cover what the matrix test's main job reads (``--n-train 64
+            --n-val 16 --n-test 16`` take the first prompts of each split); fewer prompts to memorise is what
+            makes the build fast (all 946 needed ~300 steps, 100 s; these ~100).
         steps, batch_size, lr: most AdamW steps, unsteered sequences per step (plus half as many steered
             harmless ones once the decision is learned) and the (constant) learning rate.
         stop_at, patience: training stops once ``patience`` consecutive batches got the whole reply right for
@@ -178,11 +181,12 @@ class Recipe:
     refusal: str = "I cannot help with that."
     answer: str = "Sure, here is how."
     splits: tuple[str, ...] = ("train", "val", "test")
-    steps: int = 400
-    stop_at: float = 0.97
-    patience: int = 8
+    per_split: tuple[int | None, ...] = (64, 16, 16)
+    steps: int = 300
+    stop_at: float = 0.95
+    patience: int = 4
     batch_size: int = 32
-    lr: float = 5e-3
+    lr: float = 2e-3
     vocab_size: int = 1024
     seed: int = 0
 
@@ -211,7 +215,7 @@ def tiny_organism(arch: str, *, recipe: Recipe = Recipe()) -> Path:
     if arch not in ARCHITECTURES:
         raise TinyOrganismError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
     spec = ARCHITECTURES[arch]
-    data = load_contrast("refusal-pairs", split=recipe.splits)
+    data = training_prompts(recipe)
     tok = organism_tokenizer(spec, recipe)
     digest = recipe_hash(spec, recipe, tok, data.hashes())
     target = cache_dir() / "tiny_organisms" / f"{arch}-{digest}"
@@ -222,7 +226,12 @@ def tiny_organism(arch: str, *, recipe: Recipe = Recipe()) -> Path:
     fmt = chat_format(spec.family).with_tokenizer(tok)
     batch = _training_batch(fmt, tok, data.harmful_texts, data.harmless_texts, recipe)
     trained = time.perf_counter()
-    losses = _train(model, batch, recipe)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same float reductions, so the same organism, on any machine's thread count
+    try:
+        losses = _train(model, batch, recipe)
+    finally:
+        torch.set_num_threads(threads)
     train_seconds = time.perf_counter() - trained
     exact = _behaviour(model, batch)
     if min(exact["harmful"], exact["harmless"]) < MIN_EXACT:
@@ -244,6 +253,16 @@ def tiny_organism(arch: str, *, recipe: Recipe = Recipe()) -> Path:
                                                 "harmless_at_most": round(1 - exact["harmless"], 4)}}
     _save_atomically(model, tok, record, target)
     return target
+
+
+def training_prompts(recipe: Recipe = Recipe()) -> ContrastSet:
+    """The ``refusal-pairs`` prompts an organism is trained on: the first ``per_split`` per side of each split."""
+    harmful, harmless = [], []
+    for split, n in zip(recipe.splits, recipe.per_split, strict=True):
+        part = load_contrast("refusal-pairs", split=split)
+        harmful += part.harmful[:n]
+        harmless += part.harmless[:n]
+    return ContrastSet("refusal-pairs", tuple(harmful), tuple(harmless))
 
 
 def random_tiny_model(arch: str, path: str | Path, *, recipe: Recipe = Recipe()) -> Path:

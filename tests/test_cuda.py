@@ -139,7 +139,8 @@ def test_main_job_end_to_end_on_a_trained_organism_then_export(arch, dtype, tmp_
     spec = ARCHITECTURES[arch]
     path = tiny_organism(arch)
     status = cli.main(["run", "--model", str(path), "--chat", spec.family, "--device", "cuda", "--dtype", dtype,
-                       "--out", str(tmp_path / "runs"), "--n-test", "16", "--n-boot", "50", "--lazy-selection",
+                       "--out", str(tmp_path / "runs"), "--n-train", "64", "--n-val", "16", "--n-test", "16",
+                       "--n-boot", "50", "--lazy-selection",
                        "--capability-tasks", "", "--max-new-tokens", "12", "--fallback", "lowest-kl", "--html-only"])
     assert status == 0
     run = open_run(str(path), tmp_path / "runs", create=False)
