@@ -92,6 +92,7 @@ class TinyArchitecture:
         norm_offset: the family's RMSNorm multiplies by ``1 + weight`` (Gemma) instead of ``weight``.
         global_every: every this many layers one has global attention, the others a sliding window (Gemma 2
             alternates; Gemma 3's 5 local : 1 global is shortened to 2 : 1 so that 4 layers hold both kinds).
+        n_layers: layers, where this family needs more than :attr:`Recipe.n_layers`.
     """
 
     name: str
@@ -106,6 +107,7 @@ class TinyArchitecture:
     config: dict = field(default_factory=dict)
     norm_offset: bool = False
     global_every: int | None = None
+    n_layers: int | None = None
 
 
 _SLIDING = "sliding_attention"
@@ -124,9 +126,12 @@ ARCHITECTURES: dict[str, TinyArchitecture] = {
                          config=dict(tie_word_embeddings=False, sliding_window=24)),
         TinyArchitecture("qwen2", "Qwen2ForCausalLM", "Qwen2Config", "qwen", eos="<|im_end|>", pad="<|endoftext|>",
                          special=("<|im_start|>",), config=dict(tie_word_embeddings=True)),
+        # Five layers: the template's empty "<think>\n\n</think>\n\n" block puts 4 tokens between the
+        # instruction and the reply; with four layers the decision formed only in the last layer, which the
+        # paper's selection (layers < int(0.8 L)) excludes, and no selectable candidate bypassed refusal.
         TinyArchitecture("qwen3", "Qwen3ForCausalLM", "Qwen3Config", "qwen3", eos="<|im_end|>", pad="<|endoftext|>",
                          special=("<|im_start|>",), plain=("<think>", "</think>", "\n\n"),
-                         config=dict(tie_word_embeddings=True)),
+                         config=dict(tie_word_embeddings=True), n_layers=5),
         TinyArchitecture("gemma", "GemmaForCausalLM", "GemmaConfig", "gemma", eos="<end_of_turn>", pad="<pad>",
                          bos="<bos>", special=("<start_of_turn>",), config=dict(tie_word_embeddings=True),
                          norm_offset=True),
@@ -164,8 +169,11 @@ class Recipe:
             makes the build fast (all 946 needed ~300 steps, 100 s; these ~100).
         steps, batch_size, lr: most AdamW steps, unsteered sequences per step (plus half as many steered
             harmless ones once the decision is learned) and the (constant) learning rate.
-        stop_at, patience: training stops once ``patience`` consecutive batches got the whole reply right for
-            ``stop_at`` of their harmful, harmless and steered rows each (see ``_train``).
+        stop_at, patience, stop_loss: training stops once ``patience`` consecutive batches got the whole reply
+            right for ``stop_at`` of their harmful, harmless and steered rows each and their mean loss is at most
+            ``stop_loss`` (see ``_train``). Stopping at the first right batches (loss ~0.3) left the decision
+            spread over several directions: ablating the selected one kept 44-94% of refusals on Mistral and
+            Qwen3; at loss <= 0.05 it removes them.
         vocab_size: size of the organism's BPE vocabulary (:func:`organism_tokenizer`), bytes included.
         seed: seeds initialisation and the minibatches.
     """
@@ -185,6 +193,7 @@ class Recipe:
     steps: int = 300
     stop_at: float = 0.95
     patience: int = 4
+    stop_loss: float = 0.05
     batch_size: int = 32
     lr: float = 2e-3
     vocab_size: int = 1024
@@ -345,14 +354,15 @@ def _jinja_template(fmt: ChatFormat) -> str:
 
 def _config_kwargs(spec: TinyArchitecture, recipe: Recipe, tok) -> dict:
     """Arguments of ``spec``'s config class for this recipe and tokenizer."""
+    n_layers = spec.n_layers or recipe.n_layers
     kwargs = dict(vocab_size=len(tok), hidden_size=recipe.d_model, intermediate_size=recipe.d_mlp,
-                  num_hidden_layers=recipe.n_layers, num_attention_heads=recipe.n_heads,
+                  num_hidden_layers=n_layers, num_attention_heads=recipe.n_heads,
                   num_key_value_heads=recipe.n_kv_heads, head_dim=recipe.d_head, max_position_embeddings=512,
                   initializer_range=recipe.init_std, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                   pad_token_id=tok.pad_token_id, **spec.config)
     if spec.global_every is not None:
         kwargs["layer_types"] = [_FULL if (i + 1) % spec.global_every == 0 else _SLIDING
-                                 for i in range(recipe.n_layers)]
+                                 for i in range(n_layers)]
         kwargs["query_pre_attn_scalar"] = recipe.d_head  # the real models scale scores by 1/sqrt(d_head)
     if spec.name == "phi3":
         del kwargs["head_dim"]  # Phi-3 derives it: hidden_size / num_attention_heads
@@ -494,7 +504,8 @@ def _train(model, batch: _Batch, recipe: Recipe) -> list[float]:
     plus that at the other reply positions, so the refuse-or-answer decision weighs as much as the (easy)
     continuations. The learning rate is constant; training stops after ``recipe.steps`` steps, or earlier once
     ``recipe.patience`` consecutive steered batches had the whole trained reply right (teacher-forced argmax) for
-    at least ``recipe.stop_at`` of their harmful, harmless and steered rows each.
+    at least ``recipe.stop_at`` of their harmful, harmless and steered rows each, with a mean loss of at most
+    ``recipe.stop_loss``.
     """
     generator = torch.Generator().manual_seed(recipe.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.0, fused=True)
@@ -527,7 +538,7 @@ def _train(model, batch: _Batch, recipe: Recipe) -> list[float]:
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-        if good >= recipe.patience:
+        if good >= recipe.patience and sum(losses[-recipe.patience:]) <= recipe.stop_loss * recipe.patience:
             break
     model.eval().requires_grad_(False)
     return losses
