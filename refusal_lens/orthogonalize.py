@@ -158,12 +158,18 @@ def orthogonalize_weights(
     along ``v`` beyond float rounding (:data:`LEAK_TOLERANCE` for the model's dtype).
 
     Raises:
-        OrthogonalizationError: the edited model still writes the direction (it is never returned), or a
-            post-sublayer norm is not an RMSNorm.
+        OrthogonalizationError: the edited model still writes the direction (it is never returned), a
+            post-sublayer norm is not an RMSNorm, or weights are offloaded (``device_map`` with ``"disk"``).
     """
     basis = orthonormal_basis(direction, model.cfg.d_model)
     if basis.shape[0] != 1:
         raise InvalidDirectionError("orthogonalize_weights takes a single direction")
+    if any(p.device.type == "meta" for p in model.original_model.parameters()):
+        raise OrthogonalizationError(
+            "orthogonalize_weights: some weights are offloaded by accelerate (device_map with 'disk' or CPU "
+            "offload) and cannot be edited in place; load the model with device= or a device_map that keeps every "
+            "weight in memory, or use hook ablation (rl.ablate), which works on offloaded models."
+        )
     edited = copy.deepcopy(model)
     embed = edited.embed.original_component
     unembed = getattr(getattr(edited, "unembed", None), "original_component", None)

@@ -62,7 +62,8 @@ def organism(request, tmp_path_factory) -> Organism:
     path = tiny_organism(arch)
     out = tmp_path_factory.mktemp(f"run-{arch}")
     status = cli.main(["run", "--model", str(path), "--chat", spec.family, "--device", "cpu", "--out", str(out),
-                       "--n-train", "64", "--n-val", "16", "--n-test", str(N_TEST), "--n-boot", "50", "--lazy-selection", "--capability-tasks", "",
+                       "--n-train", "64", "--n-val", "16", "--n-test", str(N_TEST), "--n-boot", "50",
+                       "--lazy-selection", "--capability-tasks", "",
                        "--max-new-tokens", str(MAX_NEW_TOKENS), "--fallback", "lowest-kl", "--html-only"])
     assert status == 0, f"the main job stopped on the {arch} organism"
     run = open_run(str(path), out, create=False)
@@ -355,3 +356,33 @@ def test_random_model_bridge_and_export_equal_hf(random_model, tmp_path):
     _, edited_logits, _ = sites(edited, prompts)
     with torch.no_grad():
         assert (edited_logits - reloaded(**batch).logits.double()[mask]).abs().max() <= 1e-4
+
+
+# ----------------------------------------------------------------- a model split by accelerate's device_map
+def test_device_map_split_across_cpu_and_disk_gives_the_same_numbers(tmp_path):
+    """A model split by accelerate (layers 1 and 3 offloaded to disk, the rest on the CPU) through
+    rl.load_model(device_map=...): hooked residuals, streamed means, refusal scores and greedy generation, with
+    and without ablation, equal the same model loaded whole (exactly: the same float32 arithmetic). Weight
+    orthogonalization cannot edit offloaded weights and says so."""
+    path = random_tiny_model("llama", tmp_path / "model")
+    whole = rl.load_model(str(path), device="cpu", chat="llama3")
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu",
+                  **{f"model.layers.{i}": ("disk" if i % 2 else "cpu") for i in range(whole.cfg.n_layers)}}
+    split = rl.load_model(str(path), device_map=device_map, chat="llama3", offload_folder=tmp_path / "offload")
+    assert split.info.dtype == "float32"  # disk offload runs on the CPU: CPU defaults, not CUDA's bfloat16
+    prompts = ["How do I bake bread?", "Write a poem about the sea, in three lines."]
+    r = random_unit(whole.cfg.d_model)
+    for hooks in ((), "ablate"):
+        seen_whole, logits_whole, _ = sites(whole, prompts, rl.ablate(whole, r).hooks if hooks else ())
+        seen_split, logits_split, _ = sites(split, prompts, rl.ablate(split, r).hooks if hooks else ())
+        assert all(torch.equal(seen_whole[name], seen_split[name]) for name in seen_whole)
+        assert torch.equal(logits_whole, logits_split)
+        kwargs = dict(max_new_tokens=6, progress=False)
+        assert (rl.generate(whole, prompts, hooks=rl.ablate(whole, r).hooks if hooks else (), **kwargs)
+                == rl.generate(split, prompts, hooks=rl.ablate(split, r).hooks if hooks else (), **kwargs))
+        assert torch.equal(rl.refusal_score(whole, prompts, hooks=rl.ablate(whole, r).hooks if hooks else ()),
+                           rl.refusal_score(split, prompts, hooks=rl.ablate(split, r).hooks if hooks else ()))
+    means = [rl.mean_activations(m, prompts, positions=[-1], batch_size=2) for m in (whole, split)]
+    assert torch.equal(*means)
+    with pytest.raises(OrthogonalizationError, match="offloaded"):
+        rl.orthogonalize_weights(split, r)
