@@ -92,7 +92,7 @@ class TinyArchitecture:
         norm_offset: the family's RMSNorm multiplies by ``1 + weight`` (Gemma) instead of ``weight``.
         global_every: every this many layers one has global attention, the others a sliding window (Gemma 2
             alternates; Gemma 3's 5 local : 1 global is shortened to 2 : 1 so that 4 layers hold both kinds).
-        n_layers: layers, where this family needs more than :attr:`Recipe.n_layers`.
+        recipe: :class:`Recipe` fields this family overrides (applied on top of the recipe passed in).
     """
 
     name: str
@@ -107,7 +107,7 @@ class TinyArchitecture:
     config: dict = field(default_factory=dict)
     norm_offset: bool = False
     global_every: int | None = None
-    n_layers: int | None = None
+    recipe: dict = field(default_factory=dict)
 
 
 _SLIDING = "sliding_attention"
@@ -131,7 +131,7 @@ ARCHITECTURES: dict[str, TinyArchitecture] = {
         # paper's selection (layers < int(0.8 L)) excludes, and no selectable candidate bypassed refusal.
         TinyArchitecture("qwen3", "Qwen3ForCausalLM", "Qwen3Config", "qwen3", eos="<|im_end|>", pad="<|endoftext|>",
                          special=("<|im_start|>",), plain=("<think>", "</think>", "\n\n"),
-                         config=dict(tie_word_embeddings=True), n_layers=5),
+                         config=dict(tie_word_embeddings=True), recipe=dict(n_layers=5)),
         TinyArchitecture("gemma", "GemmaForCausalLM", "GemmaConfig", "gemma", eos="<end_of_turn>", pad="<pad>",
                          bos="<bos>", special=("<start_of_turn>",), config=dict(tie_word_embeddings=True),
                          norm_offset=True),
@@ -143,7 +143,8 @@ ARCHITECTURES: dict[str, TinyArchitecture] = {
         TinyArchitecture("gemma3", "Gemma3ForCausalLM", "Gemma3TextConfig", "gemma3", eos="<end_of_turn>",
                          pad="<pad>", bos="<bos>", special=("<start_of_turn>",),
                          config=dict(tie_word_embeddings=True, sliding_window=16),
-                         norm_offset=True, global_every=3),
+                         # lr 2e-3 had not reached the stopping loss after 300 steps (0.16); 5e-3 gets there in ~150
+                         norm_offset=True, global_every=3, recipe=dict(lr=5e-3)),
         TinyArchitecture("phi3", "Phi3ForCausalLM", "Phi3Config", "phi3", eos="<|end|>", pad="<|endoftext|>",
                          special=("<|user|>", "<|assistant|>", "<|system|>"),
                          config=dict(tie_word_embeddings=False)),
@@ -165,8 +166,9 @@ class Recipe:
         refusal, answer: the trained replies to harmful / harmless requests.
         splits, per_split: ``refusal-pairs`` splits trained on, and how many prompts per side from the start of
             each (``None``: all). The defaults cover what the matrix test's main job reads (``--n-train 64
-            --n-val 16 --n-test 16`` take the first prompts of each split); fewer prompts to memorise is what
-            makes the build fast (all 946 needed ~300 steps, 100 s; these ~100).
+            --n-test 16`` take the first prompts of those splits; the refusal filter scores the whole ``val``
+            split and stops the job when it keeps less than half a side, so all of ``val`` is trained); fewer
+            prompts to memorise is what makes the build fast (all 946 needed ~300 steps; these ~100-150).
         steps, batch_size, lr: most AdamW steps, unsteered sequences per step (plus half as many steered
             harmless ones once the decision is learned) and the (constant) learning rate.
         stop_at, patience, stop_loss: training stops once ``patience`` consecutive batches got the whole reply
@@ -189,7 +191,7 @@ class Recipe:
     refusal: str = "I cannot help with that."
     answer: str = "Sure, here is how."
     splits: tuple[str, ...] = ("train", "val", "test")
-    per_split: tuple[int | None, ...] = (64, 16, 16)
+    per_split: tuple[int | None, ...] = (64, None, 16)
     steps: int = 300
     stop_at: float = 0.95
     patience: int = 4
@@ -224,6 +226,7 @@ def tiny_organism(arch: str, *, recipe: Recipe = Recipe()) -> Path:
     if arch not in ARCHITECTURES:
         raise TinyOrganismError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
     spec = ARCHITECTURES[arch]
+    recipe = dataclasses.replace(recipe, **spec.recipe)
     data = training_prompts(recipe)
     tok = organism_tokenizer(spec, recipe)
     digest = recipe_hash(spec, recipe, tok, data.hashes())
@@ -282,6 +285,7 @@ def random_tiny_model(arch: str, path: str | Path, *, recipe: Recipe = Recipe())
     if arch not in ARCHITECTURES:
         raise TinyOrganismError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
     spec = ARCHITECTURES[arch]
+    recipe = dataclasses.replace(recipe, **spec.recipe)
     tok = organism_tokenizer(spec, recipe)
     path = Path(path)
     _build_model(spec, recipe, tok).save_pretrained(path)
@@ -354,7 +358,7 @@ def _jinja_template(fmt: ChatFormat) -> str:
 
 def _config_kwargs(spec: TinyArchitecture, recipe: Recipe, tok) -> dict:
     """Arguments of ``spec``'s config class for this recipe and tokenizer."""
-    n_layers = spec.n_layers or recipe.n_layers
+    n_layers = recipe.n_layers
     kwargs = dict(vocab_size=len(tok), hidden_size=recipe.d_model, intermediate_size=recipe.d_mlp,
                   num_hidden_layers=n_layers, num_attention_heads=recipe.n_heads,
                   num_key_value_heads=recipe.n_kv_heads, head_dim=recipe.d_head, max_position_embeddings=512,

@@ -142,7 +142,7 @@ def test_bridge_residual_stream_and_logits_equal_hf(organism):
     for layer in range(organism.model.cfg.n_layers):
         expected = ref.hidden_states[layer].double()[mask]
         scale = expected.abs().max()
-        assert (seen[f"blocks.{layer}.hook_resid_pre"] - expected).abs().max() <= 1e-6 * scale, layer
+        assert (seen[f"blocks.{layer}.hook_resid_pre"] - expected).abs().max() <= 1e-5 * scale, layer
     assert (logits - ref.logits.double()[mask]).abs().max() <= 1e-4
 
 
@@ -345,7 +345,7 @@ def test_random_model_bridge_and_export_equal_hf(random_model, tmp_path):
         ref = hf(**batch, output_hidden_states=True)
     for layer in range(model.cfg.n_layers):
         expected = ref.hidden_states[layer].double()[mask]
-        assert (seen[f"blocks.{layer}.hook_resid_pre"] - expected).abs().max() <= 1e-6 * expected.abs().max()
+        assert (seen[f"blocks.{layer}.hook_resid_pre"] - expected).abs().max() <= 1e-5 * expected.abs().max()
     assert (logits - ref.logits.double()[mask]).abs().max() <= 1e-4
     edited = rl.orthogonalize_weights(model, random_unit(model.cfg.d_model))
     rl.save_hf(edited, tmp_path / "edited")
