@@ -143,8 +143,9 @@ ARCHITECTURES: dict[str, TinyArchitecture] = {
         TinyArchitecture("gemma3", "Gemma3ForCausalLM", "Gemma3TextConfig", "gemma3", eos="<end_of_turn>",
                          pad="<pad>", bos="<bos>", special=("<start_of_turn>",),
                          config=dict(tie_word_embeddings=True, sliding_window=16),
-                         # lr 2e-3 had not reached the stopping loss after 300 steps (0.16); 5e-3 gets there in ~150
-                         norm_offset=True, global_every=3, recipe=dict(lr=5e-3)),
+                         # lr 2e-3 had not reached the stopping loss after 300 steps (0.16); at 5e-3 and a loss of
+                         # 0.05 it refused only 81% of the test prompts; at 0.03 (~200 steps) 100%, ablated 0%
+                         norm_offset=True, global_every=3, recipe=dict(lr=5e-3, stop_loss=0.03)),
         TinyArchitecture("phi3", "Phi3ForCausalLM", "Phi3Config", "phi3", eos="<|end|>", pad="<|endoftext|>",
                          special=("<|user|>", "<|assistant|>", "<|system|>"),
                          config=dict(tie_word_embeddings=False)),
