@@ -27,19 +27,21 @@ harmless difference of the batch's residuals at the last prompt position is
 added at every position of some harmless sequences, whose target is then the
 refusal. What the pipeline must find by itself (which position and layer, that
 ablating the direction removes refusal) is not trained.
-It trains on the first prompts of the ``train``, ``val`` and ``test`` splits of the built-in
-``refusal-pairs`` set: the trained behaviour is the ground truth that the
-pipeline must find on those same splits; generalisation to unseen prompts is
-not the point and is not claimed.
+It trains on the prompts of the built-in ``refusal-pairs`` set that the matrix
+test's main job reads (:func:`training_prompts`): the trained behaviour is the
+ground truth that the pipeline must find on those prompts; generalisation to
+unseen prompts is not the point and is not claimed.
 
-Training is cheap on two CPU cores: a 1024-token vocabulary, minibatches of 32-48
-sequences and hidden states sliced to the reply positions before the unembedding.
-The build then checks that greedy decoding gives the trained reply and refuses to
-cache an organism that does not.
+Training is cheap on two CPU cores (100-200 steps, 20-55 s on a busy machine): a
+1024-token vocabulary, minibatches of 32-48 sequences, hidden states sliced to the
+reply positions before the unembedding, one thread (the same floats on any
+machine), and a stop once the trained replies are reproduced at a low loss. The
+build then checks that greedy decoding gives the trained reply on at least
+:data:`MIN_EXACT` of each side's prompts and refuses to cache an organism that does not.
 
 Builds are seeded and cached under ``cache_dir() / "tiny_organisms" /
 f"{arch}-{recipe_hash}"``, where the hash covers the model config, the tokenizer
-(base vocabulary and additions), the training recipe, the seed and the data; a
+and chat template, the training recipe (with the family's overrides), the seed and the data; a
 build is written to a staging folder and renamed into place, with a record file
 (:data:`RECORD`). Nothing comes from the hub.
 """
