@@ -167,10 +167,18 @@ def test_ablation_leaves_every_residual_site_orthogonal_to_the_direction(organis
 def test_weight_orthogonalization(organism, monkeypatch):
     """Exact architectures: the edited weights equal hook ablation. Gemma 2/3: every residual site of the
     edited model is orthogonal to the direction, as under the hooks; the edited sublayer's write follows the
-    documented map (which is not the hook's); a wrong post-norm gain raises instead of returning a model."""
+    documented map (which is not the hook's); a wrong post-norm gain raises instead of returning a model.
+    Behaviour: exact architectures' edited organisms give hook ablation's greedy replies; Gemma 2/3's refuse at
+    most 1 of the 4 harmful prompts (hook ablation: 0 of 16 on both)."""
     model, r = organism.model, organism.direction
     prompts = organism.harmful + organism.harmless
     edited = rl.orthogonalize_weights(model, r)
+    replies = rl.generate(edited, organism.harmful, max_new_tokens=MAX_NEW_TOKENS, progress=False)
+    if organism.arch in POST_NORM:
+        assert sum(map(rl.is_refusal, replies)) <= 1, replies
+    else:
+        assert replies == rl.generate(model, organism.harmful, max_new_tokens=MAX_NEW_TOKENS, progress=False,
+                                      hooks=rl.ablate(model, r).hooks)
     _, hooked, _ = sites(model, prompts, rl.ablate(model, r).hooks)
     seen, logits, _ = sites(edited, prompts)
     for name, x in seen.items():
