@@ -38,7 +38,7 @@ from .generation import generate
 from .interventions import Intervention, ablate, add
 from .metrics import ce_loss, is_refusal, kl_last_token, refusal_by_length, refusal_score
 from .models import OFFLINE_MODELS, ORGANISMS, Model, ModelInfo, ModelLoadError, load_model
-from .orthogonalize import orthogonalize_weights
+from .orthogonalize import OrthogonalizationError, orthogonalize_weights
 from .runs import RunFolder, open_run
 from .selection import Selection, SelectionError, random_direction_kl, select_direction
 from .streaming import SITES, activations, eoi_positions, hook_name, mean_activations, projections
@@ -71,7 +71,7 @@ __all__ = [
     # selection
     "select_direction", "Selection", "SelectionError", "random_direction_kl",
     # interventions and their effects
-    "ablate", "add", "Intervention", "orthogonalize_weights", "save_hf",
+    "ablate", "add", "Intervention", "orthogonalize_weights", "OrthogonalizationError", "save_hf",
     "intervention_effects", "InterventionEffects", "alpha_sweep",
     # metrics and generation
     "refusal_score", "kl_last_token", "ce_loss", "is_refusal", "refusal_by_length", "generate",

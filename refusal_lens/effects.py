@@ -52,6 +52,9 @@ class InterventionEffects:
         judged: the judge's per-reply verdicts (``rl.judge.judge_conditions``), or ``None`` when skipped.
         capability: lm-eval accuracy per condition and task (may be empty).
         capability_skipped: task -> why it could not run.
+        orthogonalization: ``equals_hook_ablation`` (False on post-sublayer-norm architectures, Gemma 2/3, where
+            the edit removes the direction from the residual stream but is a different map) and the probe's
+            ``residual_leak`` (max |x.v|/|x|), from ``rl.orthogonalize_weights``.
     """
 
     replies: dict[str, list[str]]
@@ -62,6 +65,7 @@ class InterventionEffects:
     judged: pd.DataFrame | None = None
     capability: pd.DataFrame = field(default_factory=pd.DataFrame)
     capability_skipped: dict[str, str] = field(default_factory=dict)
+    orthogonalization: dict = field(default_factory=dict)
 
     @property
     def refusal_rate(self) -> dict[str, float]:
@@ -83,6 +87,7 @@ class InterventionEffects:
             "kl_ablation_harmless_mean": round(float(self.kl_ablation_harmless.mean()), 5),
             "ce_harmless_replies": self.ce,
             "orthogonalized_vs_hooks_max_logit_diff": self.orthogonalized_vs_hooks_max_logit_diff,
+            "orthogonalization": self.orthogonalization,
             "judge": judge,
             "capability": capability,
             "examples": {
@@ -169,13 +174,14 @@ def intervention_effects(
     ce = _own_reply_ce(model, harmless, replies["harmless/baseline"], hooks)
     log("interventions: weight orthogonalization and capability table")
     ortho_diff, edited = _orthogonalized_vs_hooks(model, direction, harmless[:8], hooks["ablated"])
+    edit = {key: edited.info.edit[key] for key in ("equals_hook_ablation", "residual_leak")}
     capability, skipped = capability_table({"baseline": (model, ()), "ablated": (model, hooks["ablated"]),
                                             "orthogonalized": (edited, ())}, capability_tasks,
                                            limit=capability_limit, batch_size=batch_size)
     del edited
     instructions = {"harmful": harmful, "harmless": harmless}
     judged = judge_replies(judge, replies, instructions) if judge else None
-    return InterventionEffects(replies, instructions, kl, ce, ortho_diff, judged, capability, skipped)
+    return InterventionEffects(replies, instructions, kl, ce, ortho_diff, judged, capability, skipped, edit)
 
 
 def alpha_sweep(model: Model, direction: Float[Tensor, " d_model"], harmful: Sequence[str], alphas: Sequence[float], *,

@@ -77,6 +77,17 @@ def model_card(record: dict) -> str:
     lines += [f"| refusal_lens | {record['versions'].get('refusal-lens')} |",
               f"| torch / transformers / transformer-lens | {record['versions'].get('torch')} / "
               f"{record['versions'].get('transformers')} / {record['versions'].get('transformer-lens')} |", "",
-              "Load with `AutoModelForCausalLM.from_pretrained(<this folder>)`; its logits equal those of the base "
-              "model under `refusal_lens.ablate(model, direction)` (checked to 1e-3 by the package's tests).", ""]
+              "Load with `AutoModelForCausalLM.from_pretrained(<this folder>)`; " + _equivalence(record), ""]
     return "\n".join(lines)
+
+
+def _equivalence(record: dict) -> str:
+    """The model card's sentence on how the edited model relates to hook ablation of the base model."""
+    if record.get("edit") != "orthogonalize_weights" or record.get("equals_hook_ablation", True):
+        return ("its logits equal those of the base model under `refusal_lens.ablate(model, direction)` (checked to "
+                "1e-3 by the package's tests).")
+    return ("its residual stream has no component along the direction (checked on a probe: max |x.v|/|x| = "
+            f"{record.get('residual_leak', float('nan')):.1e}), as under `refusal_lens.ablate(model, direction)`, "
+            "but it is not the same map: this architecture passes each sublayer's output through a post-sublayer "
+            "RMSNorm, so the output projections were edited against the norm-weighted direction (see "
+            "`refusal_lens.orthogonalize_weights`).")

@@ -234,9 +234,10 @@ def _resolve_dtype(dtype: torch.dtype | str | None, device: str) -> torch.dtype:
 
 
 def _device_map_kind(device_map: str | dict) -> str:
-    """``"cpu"`` when a device map puts every module on the CPU, else ``"cuda"``."""
+    """``"cpu"`` when a device map puts every module on the CPU or offloads it to disk (which runs on the CPU),
+    else ``"cuda"``."""
     targets = device_map.values() if isinstance(device_map, dict) else [device_map]
-    return "cpu" if all(str(t) == "cpu" for t in targets) else "cuda"
+    return "cpu" if all(str(t) in ("cpu", "disk") for t in targets) else "cuda"
 
 
 def _resolve_source(spec: str) -> tuple[str, OfflineModel | None]:
@@ -268,6 +269,7 @@ def load_hf(
     base: bool = False,
     adapter: str | Path | None = None,
     adapter_scale: float = 1.0,
+    offload_folder: str | Path | None = None,
 ):
     """Load the Hugging Face model and tokenizer behind ``spec``; returns ``(hf_model, tokenizer, source, entry)``.
 
@@ -294,6 +296,8 @@ def load_hf(
     kwargs = dict(dtype=torch_dtype, attn_implementation="eager", trust_remote_code=trust_remote_code)
     if device_map is not None:
         kwargs["device_map"] = device_map
+    if offload_folder is not None:
+        kwargs["offload_folder"] = str(offload_folder)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         hf_model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
@@ -327,6 +331,7 @@ def load_model(
     base: bool = False,
     adapter: str | Path | None = None,
     adapter_scale: float = 1.0,
+    offload_folder: str | Path | None = None,
 ):
     """Load a model as a TransformerLens ``TransformerBridge`` with its chat format attached.
 
@@ -336,13 +341,14 @@ def load_model(
         device: ``"cpu"``, ``"cuda"``, ...; default CUDA when available. Exclusive with ``device_map``.
         dtype: default float32 on CPU, bfloat16 on CUDA. Half precision on CPU is refused.
         device_map: passed to Hugging Face (accelerate), e.g. ``"auto"`` to split a large model
-            over several GPUs.
+            over several GPUs; modules mapped to ``"disk"`` need ``offload_folder``.
         chat: chat-format family or a custom :class:`ChatFormat`; detected from the name otherwise.
         trust_remote_code: needed by some hub models (e.g. ``Qwen/Qwen-1_8B-chat``).
         base: for an organism, load its untuned base twin instead (for base-vs-chat comparisons).
         adapter: for an organism, merge the adapter in this folder instead of the shipped one.
         adapter_scale: for an organism, merge ``base + adapter_scale * update`` (1: as trained;
             values in [0, 1] interpolate towards the untuned twin).
+        offload_folder: where accelerate keeps the weights that ``device_map`` offloads to disk.
 
     Returns:
         The bridge, with ``.chat`` (bound :class:`ChatFormat`) and ``.info`` (:class:`ModelInfo`).
@@ -351,7 +357,7 @@ def load_model(
 
     hf_model, tokenizer, source, entry = load_hf(
         spec, device=device, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code, base=base,
-        adapter=adapter, adapter_scale=adapter_scale,
+        adapter=adapter, adapter_scale=adapter_scale, offload_folder=offload_folder,
     )
     if chat is None:
         chat = entry.family if entry else detect_family(spec, getattr(hf_model.config, "model_type", None))

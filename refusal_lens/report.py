@@ -28,7 +28,8 @@ def summary_lines(report: dict) -> list[str]:
         "CE harmless replies       " + (f"skipped: {ce['skipped']}" if "skipped" in ce else
                                          f"{ce['baseline']:.3f} baseline, {ce['ablated']:.3f} ablated, "
                                          f"{ce['subtracted']:.3f} subtracted, {ce['added']:.3f} added (nats/token)"),
-        f"orthogonalized vs hooks   max logit diff {report['orthogonalized_vs_hooks_max_logit_diff']:.2e}",
+        f"orthogonalized vs hooks   max logit diff {report['orthogonalized_vs_hooks_max_logit_diff']:.2e}"
+        + _orthogonalization_note(report.get("orthogonalization") or {}),
         *_capability_lines(report["capability"]),
         *_judge_lines(report["judge"]),
     ]
@@ -59,3 +60,11 @@ def _judge_lines(judged: dict) -> list[str]:
     return [f"judge {judged['judge']} ({judged['prompt']}):"] + [
         f"  {row['condition']:<18} refusal {row['refusal_rate']:.1%}, compliance {row['compliance']:.2f}, "
         f"coherence {row['coherence']:.2f}, unknown {row['n_unknown']}/{row['n']}" for row in judged["table"]]
+
+
+def _orthogonalization_note(edit: dict) -> str:
+    """Where weight orthogonalization is not hook ablation's map (post-sublayer norms), say so and give its leak."""
+    if edit.get("equals_hook_ablation", True):
+        return ""
+    return (f" (not the same map: post-sublayer norms; residual stream still orthogonal, leak "
+            f"{edit.get('residual_leak', float('nan')):.1e})")

@@ -2,13 +2,19 @@
 
 Skipped without CUDA (CI has none). On a GPU machine without the offline model
 packages, set ``REFUSAL_LENS_TEST_TOKENIZER`` to a ChatML tokenizer directory:
-every model here is a seeded random Llama built from a config.
+every model here is a seeded random Llama built from a config, or a tiny trained
+organism (refusal_lens.tiny_organisms, trained on the CPU with its own tokenizer).
 """
+
+import json
 
 import pytest
 import torch
 
 import refusal_lens as rl
+from refusal_lens import cli
+from refusal_lens.runs import open_run
+from refusal_lens.tiny_organisms import ARCHITECTURES, tiny_organism
 
 from .conftest import PROMPTS, random_llama
 
@@ -119,3 +125,45 @@ def test_metrics_and_selection_on_cuda_agree_with_the_reference_loop(cuda32):
     ours = rl.select_direction(cuda32, found, HARMFUL, HARMLESS, n_boot=0, progress=False, **loose)
     reference_best, _ = reference_selection(cuda32, found, HARMFUL, HARMLESS, **loose)
     assert ours.best == reference_best and reference_best is not None
+
+
+# Qwen2 (pre-norm, qkv biases: orthogonalization equals the hooks) and Gemma 2 (post-sublayer norms: it
+# removes the direction but is a different map).
+@pytest.mark.parametrize("arch", ["qwen2", "gemma2"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_main_job_end_to_end_on_a_trained_organism_then_export(arch, dtype, tmp_path):
+    """filter -> extraction -> selection -> interventions -> orthogonalization check in the main job on CUDA,
+    then the orthogonalized model exported and reloaded by Hugging Face with the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    spec = ARCHITECTURES[arch]
+    path = tiny_organism(arch)
+    status = cli.main(["run", "--model", str(path), "--chat", spec.family, "--device", "cuda", "--dtype", dtype,
+                       "--out", str(tmp_path / "runs"), "--n-train", "64", "--n-val", "16", "--n-test", "16",
+                       "--n-boot", "50", "--lazy-selection",
+                       "--capability-tasks", "", "--max-new-tokens", "12", "--fallback", "lowest-kl", "--html-only"])
+    assert status == 0
+    run = open_run(str(path), tmp_path / "runs", create=False)
+    report = json.loads((run.path / "report.json").read_text())
+    assert report["model"]["device"].startswith("cuda") and report["model"]["dtype"] == dtype
+    assert {"filter", "extraction", "selection", "interventions"} <= set(report["seconds"])  # every stage ran
+    rates = report["refusal_rate"]
+    assert rates["harmful_baseline"] >= 0.8 and rates["harmful_ablated"] <= 0.2, rates
+    assert rates["harmless_added"] > rates["harmless_baseline"], rates
+    if arch == "qwen2" and dtype == "float32":
+        assert report["orthogonalized_vs_hooks_max_logit_diff"] <= 1e-3
+
+    directions, pos, layer = run.selected()
+    model = rl.load_model(str(path), device="cuda", dtype=dtype, chat=spec.family)
+    edited = rl.orthogonalize_weights(model, directions.direction(pos, layer))
+    assert edited.info.edit["residual_leak"] <= (1e-4 if dtype == "float32" else 1e-2)
+    assert edited.blocks[0].attn.o.original_component.weight.device.type == "cuda"
+    rl.save_hf(edited, tmp_path / "edited")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "edited", dtype=getattr(torch, dtype),
+                                                    attn_implementation="eager").to("cuda").eval()
+    batch = model.chat.tokenize(HARMFUL + HARMLESS).to("cuda")
+    mask = batch["attention_mask"].bool()
+    with torch.no_grad():
+        ours = edited(batch["input_ids"], attention_mask=batch["attention_mask"]).float()[mask]
+        theirs = reloaded(**batch).logits.float()[mask]
+    assert (ours - theirs).abs().max() <= (1e-4 if dtype == "float32" else 1e-2) * theirs.abs().max()

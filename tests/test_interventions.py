@@ -293,7 +293,7 @@ def test_orthogonalized_model_exports_to_hugging_face(tiny_model, tmp_path):
     v = unit(64, seed=5)
     edited = rl.orthogonalize_weights(tiny_model, v, provenance={"position": -1, "layer": 1,
                                                                  "data": {"harmful_train": "ab12"}})
-    path = edited.save_hf(tmp_path / "export")
+    path = rl.save_hf(edited, tmp_path / "export")
     reloaded = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
     assert reloaded.config.tie_word_embeddings is False  # the head was untied before editing W_E
     ids = tiny_model.chat.tokenize(PROMPTS)["input_ids"]
@@ -304,6 +304,7 @@ def test_orthogonalized_model_exports_to_hugging_face(tiny_model, tmp_path):
     assert (exported - hooked).abs().max() <= 1e-3
     card = json.loads((path / "refusal_lens.json").read_text())
     assert card["edit"] == "orthogonalize_weights" and len(card["direction"]) == 64
+    assert card["equals_hook_ablation"] and card["residual_leak"] <= 1e-5
     assert (card["layer"], card["position"], card["data"]) == (1, -1, {"harmful_train": "ab12"})
     assert card["versions"]["refusal-lens"] == rl.__version__
     readme = (path / "README.md").read_text()
