@@ -198,7 +198,8 @@ def trade_off(table: pd.DataFrame, *, harmful_floor: float | None = None,
               title: str = "Fewer false refusals at what cost in true refusals?") -> go.Figure:
     """Look-risky refusal against harmful refusal, one line per method, Wilson 95% CIs as error bars on both
     axes, points labelled with their strength (``rl.over_refusal.trade_off``); ``harmful_floor`` (a rate,
-    e.g. 90% of the unmodified one) draws a vertical line. Better methods sit to the right (true refusal kept) and low (fewer false refusals)."""
+    e.g. 90% of the unmodified one) draws a vertical line. Better methods sit to the right (true refusal kept)
+    and low (fewer false refusals)."""
     fig = go.Figure()
     for i, (method, rows) in enumerate(table.groupby("method", sort=False)):
         color = PALETTE[i % len(PALETTE)]
