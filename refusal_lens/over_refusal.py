@@ -55,6 +55,7 @@ only as verdicts (and at most 60 characters).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -812,7 +813,8 @@ def _trade_off_points(false_refusal_alphas: Sequence[float], refusal_alphas: Seq
     points = [(METHOD_FALSE_REFUSAL, a) for a in sorted({0.0, 1.0, *map(float, false_refusal_alphas)})]
     if refusal_alphas:
         points += [(METHOD_REFUSAL, a) for a in sorted({0.0, *map(float, refusal_alphas)})]
-    return points + [(METHOD_BOTH, a) for a in sorted(set(map(float, both_alphas)))]
+    both = sorted({0.0, *map(float, both_alphas)}) if both_alphas else []  # 0: the vector alone, where the curve starts
+    return points + [(METHOD_BOTH, a) for a in both]
 
 
 def _shared_key(method: str, alpha: float) -> str | tuple[str, float]:
@@ -844,7 +846,9 @@ def _test_generations(model: Model, vector: Tensor, refusal_direction: Tensor | 
         hooks = _hooks_for(model, vector, refusal_direction, method, alpha)
         names = ("look_risky", "harmful_all") + (("look_risky_refusal_pairs", "harmless")
                                                  if key in ("baseline", "ablated") else ())
-        replies = {name: generate(model, sets[name], hooks=hooks, **gen) for name in names}
+        flat = generate(model, [p for name in names for p in sets[name]], hooks=hooks, **gen)  # one call: fewer steps
+        bounds = [0, *itertools.accumulate(len(sets[name]) for name in names)]
+        replies = {name: flat[bounds[i]:bounds[i + 1]] for i, name in enumerate(names)}
         verdicts[key] = {name: [is_refusal(r) for r in texts] for name, texts in replies.items()}
         if key in ("baseline", "ablated"):
             replies_kept[key] = replies["look_risky"]

@@ -214,8 +214,10 @@ def trade_off(table: pd.DataFrame, *, harmful_floor: float | None = None,
     if harmful_floor is not None:
         fig.add_vline(x=100 * harmful_floor, line=dict(color="black", width=1, dash="dot"),
                       annotation_text=f"floor {100 * harmful_floor:.0f}%", annotation_position="bottom left")
-    fig.update_xaxes(range=[-2, 102])
-    fig.update_yaxes(range=[-2, 102])
+    # Zoomed to the points (with their intervals and the floor): they crowd one corner of the full square.
+    x_low = min(100 * table.harmful_low.min(), 100 * harmful_floor if harmful_floor is not None else 100)
+    fig.update_xaxes(range=[max(-2, x_low - 5), 102])
+    fig.update_yaxes(range=[-2, min(102, 100 * table.look_risky_high.max() + 5)])
     return _style(fig, title, "harmful prompts refused (%, 95% Wilson CI)", "look-risky harmless prompts refused (%)",
                   height=520, width=760, legend_below=True)
 

@@ -249,11 +249,11 @@ def test_selection_scores_match_an_independent_computation(organism_selection):
     model, refusal, candidates, prompts, selection = organism_selection
     table = selection.table
     assert set(table.layer) == {8, 12} and set(table.stage) == {"site", "lambda"}
+    harm_base = rl.refusal_score(model, prompts["harmful"]) > 0
     for row in table.itertuples():
         v = _candidate(candidates, refusal, row.layer, row.lam)
         hooks = rl.ablate(model, v).hooks
         look = rl.refusal_score(model, prompts["look_risky"], hooks=hooks)
-        harm_base = rl.refusal_score(model, prompts["harmful"]) > 0
         harm = rl.refusal_score(model, prompts["harmful"], hooks=hooks) > 0
         kl = rl.kl_last_token(model, prompts["harmless"], hooks=hooks)
         assert row.false_refusal == pytest.approx(float(look.mean()), abs=1e-6)
@@ -294,6 +294,8 @@ def test_selection_applies_its_rule(organism_selection):
 
 def test_selection_stops_or_falls_back_when_nothing_passes(organism_selection):
     model, refusal, candidates, prompts, _ = organism_selection
+    prompts = {"look_risky": prompts["look_risky"][:2], "harmful": prompts["harmful"][:4],
+               "harmless": prompts["harmless"][:2]}
     strict = select_false_refusal(model, candidates, refusal_direction=refusal, kl_max=1e-12, n_null=0, batch_size=8,
                                   **prompts)
     assert strict.best is None and strict.rule is None and not strict.table.kept.any()
@@ -405,7 +407,8 @@ def test_evaluate_on_test_is_consistent(organism_selection):
                                                 <= rates["harmless"]["baseline"]["refused"])
     trade = result_tables(result)["trade_off"]
     assert list(zip(trade.method, trade.strength)) == [(METHOD_FALSE_REFUSAL, 0.0), (METHOD_FALSE_REFUSAL, 1.0),
-                                                       (METHOD_REFUSAL, 0.0), (METHOD_REFUSAL, 0.5), (METHOD_BOTH, 0.5)]
+                                                       (METHOD_REFUSAL, 0.0), (METHOD_REFUSAL, 0.5), (METHOD_BOTH, 0.0),
+                                                       (METHOD_BOTH, 0.5)]
     unmodified, ablated = trade.iloc[0], trade.iloc[1]
     assert unmodified.look_risky_rate == trade.iloc[2].look_risky_rate == rates["look_risky"]["baseline"]["rate"]
     assert ablated.harmful_rate == rates["harmful_all"]["ablated"]["rate"]
