@@ -270,8 +270,8 @@ def _over_refusal(state: _Run, vector: Tensor, layer: int, position: int | None)
     """The over-refusal step: ``report["over_refusal"]`` and, when a vector is chosen, ``false_refusal.safetensors``
     beside ``direction.safetensors`` and its selection table as ``over_refusal_selection.csv``."""
     config = state.config
-    settings = config.over_refusal_settings or OverRefusalConfig(
-        n_test=config.n_test, max_new_tokens=config.max_new_tokens, seed=config.seed, batch_size=config.batch_size)
+    settings = config.over_refusal_settings or OverRefusalConfig(n_test=config.n_test,
+                                                                 max_new_tokens=config.max_new_tokens, seed=config.seed)
     report, false_refusal, meta = over_refusal_stage(state.model, vector, layer=layer, position=position,
                                                      config=settings, log=state.log)
     state.report["over_refusal"] = report
