@@ -4,7 +4,8 @@ Replicates and extends Arditi et al., "Refusal in Language Models Is Mediated
 by a Single Direction" (NeurIPS 2024). ``import refusal_lens as rl`` gives every
 public function and class below, and the submodules ``rl.stats``, ``rl.plots``,
 ``rl.attribution``, ``rl.subspace``, ``rl.suffix``, ``rl.base_vs_chat``,
-``rl.metrics``, ``rl.selection``, ``rl.judge``, ``rl.runs``, ``rl.pipeline``, ``rl.organism`` and ``rl.evals``
+``rl.metrics``, ``rl.selection``, ``rl.judge``, ``rl.runs``, ``rl.pipeline``, ``rl.organism``, ``rl.over_refusal``
+and ``rl.evals``
 (imported on first use). The README's API section lists ``__all__`` with one
 line each (a test keeps the two in step).
 """
@@ -18,6 +19,7 @@ from . import (
     judge,
     metrics,
     organism,
+    over_refusal,
     pipeline,
     plots,
     runs,
@@ -25,6 +27,7 @@ from . import (
     stats,
     subspace,
     suffix,
+    tiny_organisms,
 )
 from .attribution import head_attribution
 from .base_vs_chat import compare_twins
@@ -39,6 +42,7 @@ from .interventions import Intervention, ablate, add
 from .metrics import ce_loss, is_refusal, kl_last_token, refusal_by_length, refusal_score
 from .models import OFFLINE_MODELS, ORGANISMS, Model, ModelInfo, ModelLoadError, load_model
 from .orthogonalize import OrthogonalizationError, orthogonalize_weights
+from .over_refusal import false_refusal_direction
 from .runs import RunFolder, open_run
 from .selection import Selection, SelectionError, random_direction_kl, select_direction
 from .streaming import SITES, activations, eoi_positions, hook_name, mean_activations, projections
@@ -79,7 +83,9 @@ __all__ = [
     "open_run", "RunFolder",
     # mechanism
     "head_attribution", "compare_twins",
+    # over-refusal
+    "false_refusal_direction",
     # submodules
-    "attribution", "base_vs_chat", "judge", "metrics", "organism", "pipeline", "plots", "runs", "selection", "stats",
-    "subspace", "suffix",
+    "attribution", "base_vs_chat", "judge", "metrics", "organism", "over_refusal", "pipeline", "plots", "runs",
+    "selection", "stats", "subspace", "suffix", "tiny_organisms",
 ]

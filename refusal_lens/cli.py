@@ -92,7 +92,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         fallback=args.fallback, max_new_tokens=args.max_new_tokens, full_selection_table=not args.lazy_selection,
         capability_tasks=tuple(t for t in args.capability_tasks.split(",") if t),
         capability_limit=args.capability_limit, static_figures=not args.html_only, direction=args.direction,
-        direction_layer=args.layer, pick=args.pick)
+        direction_layer=args.layer, pick=args.pick, over_refusal=not args.no_over_refusal)
     try:
         report = run(model, out, config)
     except SelectionError:
@@ -188,6 +188,9 @@ def _add_run_parser(sub) -> None:
     add("--capability-limit", type=int, default=defaults.capability_limit,
         help="documents per capability task (default all)")
     add("--html-only", action="store_true", help="write figures as HTML only (no PNG export)")
+    add("--no-over-refusal", action="store_true",
+        help="skip the over-refusal step (look-risky refusal on val; above 10%%, a false-refusal vector is selected "
+             "and tested and saved as false_refusal.safetensors)")
     run.set_defaults(func=_cmd_run)
 
 

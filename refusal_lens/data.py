@@ -179,6 +179,8 @@ def _read_tsv(path) -> list[dict[str, str]]:
 
 
 def _builtin(folder: str, name: str) -> ContrastSet:
+    if folder in _LOADERS:  # built-in sets with their own layout (e.g. "over-refusal")
+        return _LOADERS[folder](folder, name)
     root = files("refusal_lens") / "data" / folder
     harmful, harmless = [], []
     for n, row in enumerate(_read_tsv(root / "pairs.tsv")):
@@ -280,3 +282,44 @@ def load_contrast(name_or_path: str | Path, *, split: str | Iterable[str] | None
                          "or rl.load_splits(harmful=..., harmless=...)")
     return ContrastSet(folder.name, tuple(read_instructions(folder / "harmful.json")),
                        tuple(read_instructions(folder / "harmless.json")))
+
+
+# ------------------------------------------------------------- over-refusal
+# "over-refusal" (see data/README.md): look-risky harmless requests, some with a harmful twin that differs
+# only in intent. Its own fixed splits (no organism split: the organism never saw it), by the same rule as
+# refusal-pairs: a salted SHA-256 bucket of the group id (a pair, or one unpaired request).
+OVER_REFUSAL_SPLITS = ("train", "val", "test")
+# Cumulative percentage of groups per split: train 40%, val 30%, test 30%.
+_OVER_REFUSAL_CUTS = (("train", 40), ("val", 70), ("test", 100))
+OVER_REFUSAL_KINDS = ("homonym", "figurative", "safe_target", "safe_context", "history", "definition",
+                      "privacy_public")
+BUILTIN["over-refusal"] = "over_refusal"
+
+
+def over_refusal_split_of(group: str) -> str:
+    """The fixed split (``train``/``val``/``test``) of an over-refusal group: a salted SHA-256 bucket of its id."""
+    bucket = int(hashlib.sha256(f"over-refusal/{group}".encode()).hexdigest(), 16) % 100
+    return next(name for name, cut in _OVER_REFUSAL_CUTS if bucket < cut)
+
+
+def _over_refusal(folder: str, name: str) -> ContrastSet:
+    """The over-refusal set: ``harmless`` holds every look-risky request (``kind`` one of
+    :data:`OVER_REFUSAL_KINDS`), ``harmful`` the harmful twins (``category`` a harm category, ``kind``
+    the kind of the look-risky request it twins, ``pair_id`` shared with it)."""
+    root = files("refusal_lens") / "data" / folder
+    harmful, harmless = [], []
+    for n, row in enumerate(_read_tsv(root / "pairs.tsv")):
+        pair_id = f"pair-{n:03d}"
+        split = over_refusal_split_of(pair_id)
+        harmless.append(Instruction(row["harmless"], None, row["kind"], pair_id, split))
+        harmful.append(Instruction(row["harmful"], row["category"], row["kind"], pair_id, split))
+    for n, row in enumerate(_read_tsv(root / "look_risky.tsv")):
+        split = over_refusal_split_of(f"single-{n:03d}")
+        harmless.append(Instruction(row["instruction"], None, row["kind"], None, split))
+    unknown = sorted({i.kind for i in harmless} - set(OVER_REFUSAL_KINDS))
+    if unknown:
+        raise ValueError(f"{folder}: unknown kind(s) {unknown}; use one of {OVER_REFUSAL_KINDS}")
+    return ContrastSet(name, tuple(harmful), tuple(harmless))
+
+
+_LOADERS = {"over_refusal": _over_refusal}

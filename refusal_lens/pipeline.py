@@ -1,7 +1,7 @@
 """The end-to-end run behind ``refusal-lens run``: a row of named steps, each writing into the run folder.
 
-``filter`` -> ``extraction`` -> ``statistics`` -> ``selection`` -> ``interventions`` -> ``figures``
-(with timings per step in ``report.json``). Data use: directions from the ``train`` split, selection on the
+``filter`` -> ``extraction`` -> ``statistics`` -> ``selection`` -> ``interventions`` -> ``over_refusal`` ->
+``figures`` (with timings per step in ``report.json``). Data use: directions from the ``train`` split, selection on the
 ``val`` split, every reported number on the held-out ``test`` split, of the built-in ``refusal-pairs`` set or
 of files in the paper's format (``rl.load_splits``). As in the paper's pipeline (``filter_train`` /
 ``filter_val``), train and val keep only the harmful prompts the model refuses and the harmless ones it
@@ -10,8 +10,11 @@ rule unless the config names a deviation (``kl_max="null:q"``, ``fallback="lowes
 passes, the run writes what it has and stops, as the paper's code does. A direction from elsewhere
 (``direction=``) or a chosen candidate (``pick=``) skips selection. The folder layout is
 :mod:`refusal_lens.runs`'; the intervention stage is :func:`refusal_lens.effects.intervention_effects`; the
-printed summary is :func:`refusal_lens.report.summary_lines`. Replies to harmful prompts are stored only as
-verdicts (and at most 60 characters in examples).
+printed summary is :func:`refusal_lens.report.summary_lines`. The ``over_refusal`` step
+(:func:`refusal_lens.over_refusal.over_refusal_stage`, skipped with ``over_refusal=False`` / ``--no-over-refusal``)
+measures the model's refusal of look-risky harmless val requests and, above a threshold, selects a false-refusal
+vector and tests its ablation (``report["over_refusal"]``, ``false_refusal.safetensors``). Replies to harmful
+prompts are stored only as verdicts (and at most 60 characters in examples).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from .directions import Directions, diff_in_means, load_direction
 from .effects import alpha_sweep, intervention_effects
 from .manifest import file_sha256, write_manifest
 from .models import Model
+from .over_refusal import OverRefusalConfig, over_refusal_stage
 from .runs import RunFolder
 from .selection import SelectionError, random_direction_kl, select_direction
 
@@ -70,6 +74,8 @@ class RunConfig:
     direction: str | None = None  # a direction file (rl.load_direction formats): skip extraction and selection
     direction_layer: int | None = None  # the layer whose resid_pre gets ``direction`` added (needed with it)
     pick: tuple[int, int] | None = None  # (position, layer) among the run's own candidates: skip selection
+    over_refusal: bool = True  # the over-refusal step (issue 23); False (--no-over-refusal) skips it
+    over_refusal_settings: OverRefusalConfig | None = None  # None: its defaults with this run's n_test, tokens, seed
 
 
 MIN_KEPT_SHARE = 0.5  # the filter may drop at most half of a side before the run refuses to go on
@@ -120,6 +126,8 @@ def run(model: Model, out: str | Path, config: RunConfig = RunConfig(), log: Cal
                                                       harmless_test)
     state.folder.save_direction(vector, layer=layer, position=position, source=state.report["selected"]["how"])
     _interventions(state, vector, layer, harmful_test, harmless_test)
+    if config.over_refusal:
+        _over_refusal(state, vector, layer, position)
     return _finish(state)
 
 
@@ -256,6 +264,27 @@ def _interventions(state: _Run, vector: Tensor, layer: int, harmful_test: list[s
     state.figures.update(refusal_rates=plots.refusal_rates(state.report["refusal_rate"]),
                          alpha_sweep=plots.alpha_sweep(sweep))
     state.step("interventions")
+
+
+def _over_refusal(state: _Run, vector: Tensor, layer: int, position: int | None) -> None:
+    """The over-refusal step: ``report["over_refusal"]`` and, when a vector is chosen, ``false_refusal.safetensors``
+    beside ``direction.safetensors`` and its selection table as ``over_refusal_selection.csv``."""
+    config = state.config
+    settings = config.over_refusal_settings or OverRefusalConfig(n_test=config.n_test,
+                                                                 max_new_tokens=config.max_new_tokens, seed=config.seed)
+    report, false_refusal, meta = over_refusal_stage(state.model, vector, layer=layer, position=position,
+                                                     config=settings, log=state.log)
+    state.report["over_refusal"] = report
+    if "selection" in report:
+        pd.DataFrame(report["selection"]["table"]).to_csv(state.folder.path / "over_refusal_selection.csv", index=False)
+    if false_refusal is not None:
+        source = (f"false-refusal vector (issue 23): look-risky minus harmless at pos {meta['pos']}, layer "
+                  f"{meta['layer']}, λ = {meta['lambda']:g} of its component along the refusal direction removed; "
+                  f"{meta['rule']}")
+        path = state.folder.save_direction(false_refusal, layer=meta["layer"], position=meta["pos"], source=source,
+                                           name="false_refusal")
+        report["file"] = path.name
+    state.step("over_refusal")
 
 
 def _finish(state: _Run) -> dict:

@@ -194,6 +194,34 @@ def bars(table: pd.DataFrame, x: str, y: str, *, color: str | None = None, title
     return _style(fig, title, x_title, y_title)
 
 
+def trade_off(table: pd.DataFrame, *, harmful_floor: float | None = None,
+              title: str = "Fewer false refusals at what cost in true refusals?") -> go.Figure:
+    """Look-risky refusal against harmful refusal, one line per method, Wilson 95% CIs as error bars on both
+    axes, points labelled with their strength (``rl.over_refusal.trade_off``); ``harmful_floor`` (a rate,
+    e.g. 90% of the unmodified one) draws a vertical line. Better methods sit to the right (true refusal kept)
+    and low (fewer false refusals)."""
+    fig = go.Figure()
+    for i, (method, rows) in enumerate(table.groupby("method", sort=False)):
+        color = PALETTE[i % len(PALETTE)]
+        fig.add_trace(go.Scatter(
+            x=100 * rows.harmful_rate, y=100 * rows.look_risky_rate, mode="lines+markers+text", name=method,
+            text=[f"{s:g}" for s in rows.strength], textposition="top right", textfont=dict(size=10, color=color),
+            line=dict(color=color), marker=dict(size=7),
+            error_x=dict(type="data", symmetric=False, array=100 * (rows.harmful_high - rows.harmful_rate),
+                         arrayminus=100 * (rows.harmful_rate - rows.harmful_low), thickness=1, color=color),
+            error_y=dict(type="data", symmetric=False, array=100 * (rows.look_risky_high - rows.look_risky_rate),
+                         arrayminus=100 * (rows.look_risky_rate - rows.look_risky_low), thickness=1, color=color)))
+    if harmful_floor is not None:
+        fig.add_vline(x=100 * harmful_floor, line=dict(color="black", width=1, dash="dot"),
+                      annotation_text=f"floor {100 * harmful_floor:.0f}%", annotation_position="bottom left")
+    # Zoomed to the points (with their intervals and the floor): they crowd one corner of the full square.
+    x_low = min(100 * table.harmful_low.min(), 100 * harmful_floor if harmful_floor is not None else 100)
+    fig.update_xaxes(range=[max(-2, x_low - 5), 102])
+    fig.update_yaxes(range=[-2, min(102, 100 * table.look_risky_high.max() + 5)])
+    return _style(fig, title, "harmful prompts refused (%, 95% Wilson CI)", "look-risky harmless prompts refused (%)",
+                  height=520, width=760, legend_below=True)
+
+
 def _chrome() -> str | None:
     for candidate in (os.environ.get("BROWSER_PATH"), shutil.which("chromium"), shutil.which("chromium-browser"),
                       shutil.which("google-chrome")):

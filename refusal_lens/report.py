@@ -32,6 +32,7 @@ def summary_lines(report: dict) -> list[str]:
         + _orthogonalization_note(report.get("orthogonalization") or {}),
         *_capability_lines(report["capability"]),
         *_judge_lines(report["judge"]),
+        *_over_refusal_lines(report.get("over_refusal")),
     ]
 
 
@@ -52,6 +53,31 @@ def _capability_lines(capability: dict) -> list[str]:
     lines = [f"capability {row['task']:<14} {row['condition']:<15} acc {row['acc']:.3f} ± {row['acc_stderr']:.3f}"
              for row in capability.get("table", []) if "acc" in row]
     return lines + [f"capability {task}: skipped ({why})" for task, why in capability["skipped"].items()]
+
+
+def _over_refusal_lines(over: dict | None) -> list[str]:
+    """The over-refusal step: its gate, and when it ran, the pick and the test refusal rates (Wilson 95% CIs)."""
+    if over is None:
+        return []
+    gate = over["look_risky_val_refusal"]
+    lines = [f"over-refusal (val)        look-risky refused {gate['rate']:.1%} ({gate['refused']}/{gate['n']}), "
+             f"threshold {over['threshold']:.0%}" + ("" if over["ran"] else ": not run")]
+    if "selection_failed" in over:
+        return [*lines, f"  false-refusal vector    {over['selection_failed']}"]
+    if "selected" not in over:
+        return lines
+    sel, test = over["selected"], over["test"]
+    lines.append(f"  false-refusal vector    pos {sel['pos']}, layer {sel['layer']}, λ = {sel['lambda']:g}")
+    for name, label in (("look_risky", "look-risky"), ("harmful_all", "harmful"), ("harmless", "plain harmless")):
+        base, ablated = test["refusal_rate"][name]["baseline"], test["refusal_rate"][name]["ablated"]
+        lines.append(f"  {label + ' (test)':<23} {_rate(base)} -> {_rate(ablated)} with it ablated")
+    kl = test["kl_harmless"]
+    null = f" (random directions: median {kl['null']['median']:.4f})" if kl["null"] else ""
+    return [*lines, f"  KL on harmless (test)   {kl['mean']:.4f} nats{null}"]
+
+
+def _rate(rate: dict) -> str:
+    return f"{rate['rate']:.1%} [{rate['ci_low']:.1%}, {rate['ci_high']:.1%}] (n={rate['n']})"
 
 
 def _judge_lines(judged: dict) -> list[str]:

@@ -2,8 +2,9 @@
 
 A run folder holds ``directions.safetensors`` (every candidate), ``selected.json`` (the chosen position and
 layer, and the rule that chose it), ``direction.safetensors`` (the chosen raw vector, readable by
-``rl.load_direction`` and ``refusal-lens run --direction``), tables, ``report.json``, ``manifest.json`` and
-``figures/``. ``refusal-lens run`` writes ``runs/<model>/``; notebooks share ``RUNS/<model>/``
+``rl.load_direction`` and ``refusal-lens run --direction``), ``false_refusal.safetensors`` when the over-refusal
+step picked a false-refusal vector (:mod:`refusal_lens.over_refusal`), tables, ``report.json``, ``manifest.json``
+and ``figures/``. ``refusal-lens run`` writes ``runs/<model>/``; notebooks share ``RUNS/<model>/``
 (``../runs/notebooks`` by default), so notebook 02's selection feeds notebooks 03-07.
 """
 

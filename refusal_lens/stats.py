@@ -248,3 +248,27 @@ def subspace_rank(vectors: Float[Tensor, "n d_model"], *, variance: float = 0.9)
         "rank_for_variance": int((explained < variance - 1e-12).sum()) + 1,
         "variance": variance,
     }
+
+
+def wilson_ci(successes: int, n: int, *, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval ``(low, high)`` for a binomial proportion ``successes / n`` (e.g. a refusal rate).
+
+    ``p = k/n``, ``z`` the normal quantile at ``1 - (1 - confidence)/2``; the interval is
+    ``(p + z²/2n ± z sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n)`` (Wilson 1927). Unlike the normal
+    approximation it stays inside [0, 1] and is not degenerate at 0 or n successes.
+    """
+    from statistics import NormalDist
+
+    if isinstance(successes, bool) or isinstance(n, bool) or int(successes) != successes or int(n) != n:
+        raise TypeError(f"successes and n must be whole counts, got {successes!r} and {n!r}")
+    if n < 1:
+        raise ValueError(f"a proportion needs n >= 1 observations, got n = {n}")
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must lie in [0, n] = [0, {n}], got {successes}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    z = NormalDist().inv_cdf(1 - (1 - confidence) / 2)
+    p, z2 = successes / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * (p * (1 - p) / n + z2 / (4 * n * n)) ** 0.5
+    return max(0.0, centre - half), min(1.0, centre + half)
