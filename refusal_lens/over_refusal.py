@@ -73,6 +73,7 @@ from .generation import generate
 from .interventions import ablate
 from .metrics import is_refusal, kl_divergence, last_token_logits, refusal_log_odds, refusal_score, safe_excerpt
 from .models import Model
+from .selection import check_kl_max, resolve_kl_max
 from .stats import wilson_ci
 from .streaming import mean_activations
 
@@ -367,27 +368,6 @@ class _ValScores:
         return refusal_log_odds(self._logits(name, hooks), self.tokens)
 
 
-def _resolve_kl_max(kl_max: float | str, null_kl: Tensor | None) -> tuple[float, str]:
-    if isinstance(kl_max, str):
-        q = float(kl_max.removeprefix("null:"))
-        return float(torch.quantile(null_kl, q)), f"null:{q:g}"
-    return float(kl_max), f"{kl_max:g} nats"
-
-
-def _check_kl_max(kl_max: float | str) -> float | None:
-    if isinstance(kl_max, str):
-        try:
-            q = float(kl_max.removeprefix("null:")) if kl_max.startswith("null:") else math.nan
-        except ValueError:
-            q = math.nan
-        if not 0 <= q <= 1:
-            raise ValueError(f"kl_max={kl_max!r}: give nats (e.g. 0.2) or 'null:q' with q in [0, 1] (e.g. 'null:0.5')")
-        return q
-    if not kl_max > 0:
-        raise ValueError(f"kl_max must be > 0 nats, got {kl_max}")
-    return None
-
-
 def _check_selection_args(candidates: Directions, fallback: str | None, keep_harmful: float,
                           lambdas: Sequence[float], kl_max: float | str) -> tuple[list[float], float | None]:
     """Clear errors before any forward pass; returns the checked λ grid and the KL rule's null quantile (or None)."""
@@ -400,13 +380,13 @@ def _check_selection_args(candidates: Directions, fallback: str | None, keep_har
     lambdas = [_check_share(lam) for lam in lambdas]
     if not lambdas:
         raise ValueError("lambdas is empty: pass at least one share in [0, 1], e.g. (1.0,)")
-    return lambdas, _check_kl_max(kl_max)
+    return lambdas, check_kl_max(kl_max)
 
 
 def _selection_rule(scores: _ValScores, *, keep_harmful: float, kl_max: float | str, null_kl: Tensor | None,
                     max_layer: int, lambdas: list[float], fallback: str | None) -> tuple[dict, dict]:
     """The thresholds (fixed before any candidate is scored) and the unablated val baseline."""
-    kl_limit, kl_rule = _resolve_kl_max(kl_max, null_kl)
+    kl_limit, kl_rule = resolve_kl_max(kl_max, null_kl)
     base_lr_share = float((scores.base["look_risky"] > 0).double().mean())
     base_harmful_share = float((scores.base["harmful"] > 0).double().mean())
     if base_harmful_share == 0:

@@ -362,14 +362,16 @@ def _table(scores: _CandidateScores, thresholds: Thresholds) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _resolve_kl_max(kl_max: float | str, null_kl: Tensor | None) -> tuple[float, str]:
+def resolve_kl_max(kl_max: float | str, null_kl: Tensor | None) -> tuple[float, str]:
+    """The KL limit in nats and how it was set: ``kl_max`` itself, or the ``q`` quantile of ``null_kl``
+    for ``"null:q"``."""
     if isinstance(kl_max, str):
         q = float(kl_max.removeprefix("null:"))
         return float(torch.quantile(null_kl, q)), f"null:{q:g}"
     return float(kl_max), f"{kl_max:g}"
 
 
-def _check_kl_max(kl_max: float | str) -> float | None:
+def check_kl_max(kl_max: float | str) -> float | None:
     """The null quantile of a ``"null:q"`` threshold, ``None`` for an absolute one; raises on anything else."""
     if isinstance(kl_max, str):
         try:
@@ -422,7 +424,7 @@ def select_direction(
         raise ValueError(f"selection ablates and adds at resid_pre; these directions come from {directions.hook!r}")
     if fallback is not None and fallback not in FALLBACKS:
         raise ValueError(f"unknown fallback {fallback!r}; choose None (the paper's: stop) or one of {FALLBACKS}")
-    null_quantile = _check_kl_max(kl_max)
+    null_quantile = check_kl_max(kl_max)
     harmful = _Scorer(model, check_instructions(harmful_val, model.chat), batch_size)
     harmless = _Scorer(model, check_instructions(harmless_val, model.chat), batch_size)
     max_layer = max_candidate_layer(model.cfg.n_layers, max_layer_frac)
@@ -435,7 +437,7 @@ def select_direction(
     # The null comes first, from random directions only: no candidate has been scored yet.
     n_null = n_null or (16 if null_quantile is not None else 0)
     null_kl = _null_kl(model, harmless, reference, n_null, seed) if n_null else None
-    thresholds = Thresholds(*_resolve_kl_max(kl_max, null_kl), induce_min, max_layer, fallback)
+    thresholds = Thresholds(*resolve_kl_max(kl_max, null_kl), induce_min, max_layer, fallback)
     replay = _replay_reproduces(harmless, first_layer, reference)
     if not replay:
         harmless.block_inputs.clear()
