@@ -1,4 +1,5 @@
-"""Smoke test: the benchmark code runs on a tiny model (no timing is asserted)."""
+"""The benchmark code on a tiny model: each fast path gives its baseline's result and the counts are right
+(no timing is asserted)."""
 
 import pytest
 
@@ -44,11 +45,19 @@ def test_generation_benchmark_runs_and_matches_hf(tiny_model_dir):
 
 
 def test_hardware_benchmark_reports_a_fraction_of_peak(tiny_model_dir):
+    import refusal_lens as rl
     from benchmarks import hardware
 
     result = hardware.forward_flops(str(tiny_model_dir), n_prompts=4, batch_size=2, repeats=1)
-    assert 0 < result["fraction_of_peak"] and result["tokens"] > 0
-    assert result["matmul_peak_gflops"] > 0
+    model = rl.load_model(str(tiny_model_dir))
+    # the work counted is 2 FLOPs per parameter per real token (padding excluded), over the best time
+    real_tokens = int(model.chat.tokenize(hardware.synthetic_prompts(4))["attention_mask"].sum())
+    assert result["tokens"] == real_tokens
+    assert result["parameters"] == sum(p.numel() for p in model.original_model.parameters())
+    expected = 2 * result["parameters"] * real_tokens / result["seconds"] / 1e9
+    assert result["achieved_gflops"] == pytest.approx(expected, rel=1e-9)
+    fraction = result["achieved_gflops"] / result["matmul_peak_gflops"]
+    assert result["fraction_of_peak"] == pytest.approx(fraction, rel=1e-9)
 
 
 def test_random_model_of_a_shape_loads_through_the_local_path(tmp_path, monkeypatch, smollm2):
