@@ -164,6 +164,31 @@ def test_ablation_leaves_every_residual_site_orthogonal_to_the_direction(organis
         assert leak(x, r) <= FP32_ORTHOGONAL, name
 
 
+def post_norm_write_and_its_formula(model, edited, r: Tensor, prompts: list[str]) -> tuple[Tensor, Tensor]:
+    """Gemma 2/3, layer 0, float64: what the edited model's attention writes into the residual, and what the
+    documented post-norm edit says it writes. Layer 0's input is the same in the edited model and under the
+    hooks (the projected embedding); where the hooked model's attention output projection gives x = W_O z,
+    the edited one writes g * x' / rms(x'), x' = x - (u . x) a, with u = g * r and a = u / (g^2 + 0.01
+    mean(g^2)) scaled to a . u = 1 (the ridge-damped oblique projection). Both ``[n_real_and_pad, d_model]``."""
+    norm = model.blocks[0].ln1_post.original_component
+    g = norm.weight.double() + 1
+    u = g * r.double()
+    a = u / (g.square() + 1e-2 * g.square().mean())
+    a = a / (a @ u)
+    captured = {}
+    record = lambda name: (name, lambda x, hook: captured.__setitem__(name, x.detach().double()))  # noqa: E731
+    batch = model.chat.tokenize(prompts)
+    with torch.no_grad():
+        with model.hooks(fwd_hooks=[*rl.ablate(model, r).hooks, record("blocks.0.ln1_post.hook_in")]):
+            model(batch["input_ids"], attention_mask=batch["attention_mask"])
+        with edited.hooks(fwd_hooks=[record("blocks.0.hook_attn_out")]):
+            edited(batch["input_ids"], attention_mask=batch["attention_mask"])
+    x = captured["blocks.0.ln1_post.hook_in"]
+    x = x - (x @ u)[..., None] * a
+    expected = g * x / (x.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()
+    return captured["blocks.0.hook_attn_out"], expected
+
+
 def test_weight_orthogonalization(organism, monkeypatch):
     """Exact architectures: the edited weights equal hook ablation. Gemma 2/3: every residual site of the
     edited model is orthogonal to the direction, as under the hooks; the edited sublayer's write follows the
@@ -189,27 +214,7 @@ def test_weight_orthogonalization(organism, monkeypatch):
         assert (logits - hooked).abs().max() <= 1e-4
         return
     assert not edited.info.edit["equals_hook_ablation"]
-    # The map for post-norm sublayers, checked in float64 on layer 0, whose input is the same in the edited
-    # model and under the hooks (the projected embedding): where the hooked model's attention output
-    # projection gives x = W_O z, the edited one writes g * x' / rms(x'), x' = x - (u . x) a, with u = g * r and
-    # a = u / (g^2 + 0.01 mean(g^2)) scaled to a . u = 1 (the ridge-damped oblique projection).
-    norm = model.blocks[0].ln1_post.original_component
-    g = norm.weight.double() + 1
-    u = g * r.double()
-    a = u / (g.square() + 1e-2 * g.square().mean())
-    a = a / (a @ u)
-    captured = {}
-    record = lambda name: (name, lambda x, hook: captured.__setitem__(name, x.detach().double()))  # noqa: E731
-    batch = model.chat.tokenize(prompts)
-    with torch.no_grad():
-        with model.hooks(fwd_hooks=[*rl.ablate(model, r).hooks, record("blocks.0.ln1_post.hook_in")]):
-            model(batch["input_ids"], attention_mask=batch["attention_mask"])
-        with edited.hooks(fwd_hooks=[record("blocks.0.hook_attn_out")]):
-            edited(batch["input_ids"], attention_mask=batch["attention_mask"])
-    x = captured["blocks.0.ln1_post.hook_in"]
-    x = x - (x @ u)[..., None] * a
-    expected = g * x / (x.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()
-    got = captured["blocks.0.hook_attn_out"]
+    got, expected = post_norm_write_and_its_formula(model, edited, r, prompts)
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
     # A wrong gain (weight instead of 1 + weight) leaves the direction in the residual: refused, not returned.
     monkeypatch.setattr(model.cfg, "rmsnorm_uses_offset", False)
@@ -319,23 +324,8 @@ def test_random_model_post_norm_edit_follows_its_formula(random_model):
         pytest.skip("pre-norm architecture: the edit is the orthogonal projection (tested above)")
     r = random_unit(model.cfg.d_model)
     edited = rl.orthogonalize_weights(model, r)
-    norm = model.blocks[0].ln1_post.original_component
-    g = norm.weight.double() + 1
-    u = g * r.double()
-    a = u / (g.square() + 1e-2 * g.square().mean())
-    a = a / (a @ u)
-    captured = {}
-    record = lambda name: (name, lambda x, hook: captured.__setitem__(name, x.detach().double()))  # noqa: E731
-    batch = model.chat.tokenize(["How do I bake bread?", "Write a poem about the sea."])
-    with torch.no_grad():
-        with model.hooks(fwd_hooks=[*rl.ablate(model, r).hooks, record("blocks.0.ln1_post.hook_in")]):
-            model(batch["input_ids"], attention_mask=batch["attention_mask"])
-        with edited.hooks(fwd_hooks=[record("blocks.0.hook_attn_out")]):
-            edited(batch["input_ids"], attention_mask=batch["attention_mask"])
-    x = captured["blocks.0.ln1_post.hook_in"]
-    x = x - (x @ u)[..., None] * a
-    expected = g * x / (x.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()
-    got = captured["blocks.0.hook_attn_out"]
+    got, expected = post_norm_write_and_its_formula(model, edited, r,
+                                                    ["How do I bake bread?", "Write a poem about the sea."])
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
     assert (got.float() @ r).abs().max() <= 1e-5 * got.norm(dim=-1).max()
 
