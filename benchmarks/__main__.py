@@ -27,6 +27,18 @@ def machine_name() -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-").lower()
 
 
+def generation_devices(device: str) -> list[str]:
+    """The generation benchmark runs on the CPU always, and also on the GPU where there is one (or was asked)."""
+    import torch
+
+    devices = ["cpu"]
+    if device != "cpu":
+        devices.append(device)
+    elif torch.cuda.is_available():
+        devices.append("cuda")
+    return devices
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     random_specs = ", ".join(RANDOM_PREFIX + shape for shape in SHAPES)
@@ -57,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                              "every candidate a contender, as in a refusing model")
     parser.add_argument("--generation-batch-sizes", type=int, nargs="+", default=[16],
                         help="batch sizes for the generation benchmark (2 batches of prompts each)")
+    parser.add_argument("--generation-repeats", type=int, default=3,
+                        help="timed generation runs per engine, interleaved (best counts)")
     args = parser.parse_args(argv)
     from refusal_lens.manifest import versions
     from refusal_lens.models import cache_dir
@@ -77,14 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     if "scaling" in args.suite:
         record["scaling"] = _scaling(args, device)
     if "generation" in args.suite:
-        record["generation"] = []
-        for batch_size in args.generation_batch_sizes:
-            result = generation.compare(args.model, batch_size=batch_size, n_prompts=2 * batch_size, **device)
-            print(f"generation (batch {batch_size}): HF {result['hf_tokens_per_s']:.1f} tok/s, ours "
-                  f"{result['ours_tokens_per_s']:.1f} tok/s ({result['ratio_ours_vs_hf']:.2f}x), with ablation hooks "
-                  f"{result['ours_ablated_tokens_per_s']:.1f} tok/s ({result['ratio_ablated_vs_hf']:.2f}x); "
-                  f"same outputs: {result['same_outputs']}")
-            record["generation"].append(result)
+        record["generation"] = _generation(args)
     if "hardware" in args.suite:
         result = hardware.forward_flops(args.model, n_prompts=2 * args.batch_size, batch_size=args.batch_size, **device)
         print(f"hardware: forward {result['achieved_gflops']:.1f} GFLOP/s vs matmul {result['matmul_peak_gflops']:.1f} "
@@ -120,6 +127,19 @@ def _extraction(args, device: dict) -> list[dict]:
               f"{r['throughput_ratio']:>8.2f} {r['unsorted_throughput_ratio']:>11.2f} "
               f"{r['streaming']['extra_mb']:>10.0f} {r['naive']['extra_mb']:>9.0f} "
               f"{r['extra_memory_ratio']:>10.3f} {str(r['same_mean']):>10}")
+    return rows
+
+
+def _generation(args) -> list[dict]:
+    """Plain HF vs the bridge and torch engines, per device of :func:`generation_devices` and batch size."""
+    rows = []
+    for device in generation_devices(args.device):
+        dtype = args.dtype if device == args.device else None  # the other device: its own default
+        for batch_size in args.generation_batch_sizes:
+            result = generation.compare(args.model, batch_size=batch_size, n_prompts=2 * batch_size, device=device,
+                                        dtype=dtype, repeats=args.generation_repeats)
+            print(generation.summary(result))
+            rows.append(result)
     return rows
 
 

@@ -4,8 +4,8 @@ Replicates and extends Arditi et al., "Refusal in Language Models Is Mediated
 by a Single Direction" (NeurIPS 2024). ``import refusal_lens as rl`` gives every
 public function and class below, and the submodules ``rl.stats``, ``rl.plots``,
 ``rl.attribution``, ``rl.subspace``, ``rl.suffix``, ``rl.base_vs_chat``,
-``rl.metrics``, ``rl.selection``, ``rl.judge``, ``rl.runs``, ``rl.pipeline``, ``rl.organism``, ``rl.over_refusal``
-and ``rl.evals``
+``rl.metrics``, ``rl.selection``, ``rl.judge``, ``rl.runs``, ``rl.pipeline``, ``rl.organism``, ``rl.over_refusal``,
+``rl.torch_engine`` and ``rl.evals``
 (imported on first use). The README's API section lists ``__all__`` with one
 line each (a test keeps the two in step).
 """
@@ -28,6 +28,7 @@ from . import (
     subspace,
     suffix,
     tiny_organisms,
+    torch_engine,
 )
 from .attribution import head_attribution
 from .base_vs_chat import compare_twins
@@ -87,5 +88,5 @@ __all__ = [
     "false_refusal_direction",
     # submodules
     "attribution", "base_vs_chat", "judge", "metrics", "organism", "over_refusal", "pipeline", "plots", "runs",
-    "selection", "stats", "subspace", "suffix", "tiny_organisms",
+    "selection", "stats", "subspace", "suffix", "tiny_organisms", "torch_engine",
 ]

@@ -1,8 +1,13 @@
 """Batched generation with interventions active.
 
 Prompts are formatted with the model's chat format and left-padded; Hugging
-Face ``generate`` runs on the bridge's wrapped model, so TransformerLens hooks
-(interventions) fire at every step, with the KV cache on.
+Face ``generate`` runs with the KV cache on and the hooks (interventions) fire
+at every step. Two engines: ``"bridge"`` runs it on the bridge's wrapped model
+(TransformerLens HookPoints); ``"torch"`` runs it on the plain HF modules with
+the hooks translated to torch hooks (:mod:`refusal_lens.torch_engine`), which
+is faster and gives the plain HF model's numbers. ``"auto"`` (the default)
+takes torch when every hook translates and no hook is already active on the
+bridge (``with rl.ablate(model, r):``), else the bridge.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .chat import check_instructions
 from .models import Model
+from .torch_engine import choose_engine, plain_hf
 
 
 def generate_tokens(
@@ -29,11 +35,14 @@ def generate_tokens(
     hooks: Iterable = (),
     system: str | None = None,
     progress: bool | None = None,
+    engine: str = "auto",
 ) -> list[list[int]]:
     """The new token ids of each completion (padding after an early end removed), one list per instruction.
 
     Greedy by default; ``do_sample=True`` samples with ``temperature``/``top_p``, seeded.
-    ``hooks`` is a list of ``(hook_name, fn)`` pairs active during generation.
+    ``hooks`` is a list of ``(hook_name, fn)`` pairs active during generation. ``engine``: ``"auto"``,
+    ``"bridge"`` or ``"torch"`` (see the module docstring); ``"torch"`` raises ValueError for a hook it
+    cannot translate. Greedy tokens are the same on both engines.
     """
     instructions = check_instructions(instructions, model.chat)
     tokenizer = model.tokenizer
@@ -45,7 +54,12 @@ def generate_tokens(
     show = len(starts) >= 4 if progress is None else progress
     device = model.cfg.device
     completions: list[list[int]] = []
-    with torch.no_grad(), model.hooks(fwd_hooks=list(hooks)):
+    hooks = list(hooks)
+    if choose_engine(model, hooks, engine) == "torch":
+        context = plain_hf(model, hooks)
+    else:
+        context = model.hooks(fwd_hooks=hooks)
+    with torch.no_grad(), context:
         for start in tqdm(starts, disable=not show, desc="generating", unit="batch"):
             batch = model.chat.tokenize(instructions[start : start + batch_size], system=system)
             output = model.original_model.generate(
@@ -76,10 +90,11 @@ def generate(
     hooks: Iterable = (),
     system: str | None = None,
     progress: bool | None = None,
+    engine: str = "auto",
 ) -> list[str]:
     """Completions (new text only, special tokens removed, stripped), one per instruction; the arguments
     are :func:`generate_tokens`'s."""
     tokens = generate_tokens(model, instructions, max_new_tokens=max_new_tokens, batch_size=batch_size,
                              do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed, hooks=hooks,
-                             system=system, progress=progress)
+                             system=system, progress=progress, engine=engine)
     return [decode(model, row) for row in tokens]

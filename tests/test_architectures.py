@@ -356,6 +356,47 @@ def test_random_model_bridge_and_export_equal_hf(random_model, tmp_path):
         assert (edited_logits - reloaded(**batch).logits.double()[mask]).abs().max() <= 1e-4
 
 
+def hook_state(model) -> list[tuple[str, str, int, int]]:
+    """``(name, class, n forward hooks, n forward-pre hooks)`` of every module under the bridge."""
+    return [(name, type(m).__name__, len(m._forward_hooks), len(m._forward_pre_hooks))
+            for name, m in model.named_modules()]
+
+
+def test_random_model_torch_engine_generates_the_bridge_tokens(random_model):
+    """Greedy tokens on the plain-HF torch engine equal the bridge engine's with no hooks, with rl.ablate's
+    3 x n_layers hooks and with an rl.add hook (which fire on the torch engine); afterwards, also after a hook
+    raised, every bridge component is back, no torch hook is left and a bridge forward gives the same logits."""
+    from refusal_lens.generation import generate_tokens
+
+    arch, model, _ = random_model
+    prompts = ["How do I bake bread?", "Write a poem about the sea, in three lines."]
+    r = random_unit(model.cfg.d_model)
+    batch = model.chat.tokenize(prompts[:1])
+    with torch.no_grad():
+        logits = model(batch["input_ids"])
+    before = hook_state(model)  # after a bridge forward: blocks wire their own capture hooks on the first one
+    calls = []
+    counted = lambda hooks: [(n, lambda x, hook, n=n, fn=fn: calls.append(n) or fn(x, hook)) for n, fn in hooks]  # noqa: E731
+    for hooks in ((), rl.ablate(model, r).hooks, rl.add(model, 8 * r, layer=1).hooks):
+        tokens = {engine: generate_tokens(model, prompts, max_new_tokens=4, hooks=counted(hooks), engine=engine)
+                  for engine in ("bridge", "torch")}
+        assert tokens["torch"] == tokens["bridge"], (arch, len(hooks))
+        assert len(calls) == 2 * len(hooks) * 4 and all(map(len, tokens["torch"]))  # fired at every step
+        calls.clear()
+
+    def boom(x, hook):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        generate_tokens(model, prompts[:1], max_new_tokens=2, hooks=[("blocks.0.hook_mlp_out", boom)],
+                        engine="torch")
+    assert hook_state(model) == before
+    with torch.no_grad():
+        assert torch.equal(model(batch["input_ids"]), logits)
+        _, cache = model.run_with_cache(batch["input_ids"], names_filter="blocks.0.hook_resid_post")
+    assert cache["blocks.0.hook_resid_post"].shape[-1] == model.cfg.d_model
+
+
 # ----------------------------------------------------------------- a model split by accelerate's device_map
 def test_device_map_split_across_cpu_and_disk_gives_the_same_numbers(tmp_path):
     """A model split by accelerate (layers 1 and 3 offloaded to disk, the rest on the CPU) through

@@ -39,9 +39,14 @@ def test_selection_reference_loop_agrees_with_select_direction(smollm2):
 def test_generation_benchmark_runs_and_matches_hf(tiny_model_dir):
     from benchmarks import generation
 
-    result = generation.compare(str(tiny_model_dir), n_prompts=4, max_new_tokens=3, batch_size=2)
-    assert result["same_outputs"]
-    assert result["hf_tokens_per_s"] > 0 and result["ours_ablated_tokens_per_s"] > 0
+    result = generation.compare(str(tiny_model_dir), n_prompts=4, max_new_tokens=3, batch_size=2, repeats=1)
+    assert result["same_outputs"] and result["same_outputs_ablated"] and result["same_outputs_as_hf"]
+    assert result["ablation_hooks"] == 3 * 2  # 3 sites x 2 layers
+    for name in generation.CONDITIONS:
+        assert result[f"{name}_tokens_per_s"] > 0
+    assert result["ratio_torch_ablated_vs_hf"] == pytest.approx(
+        result["torch_ablated_tokens_per_s"] / result["hf_tokens_per_s"], rel=1e-9)
+    assert "torch vs bridge" in generation.summary(result)
 
 
 def test_hardware_benchmark_reports_a_fraction_of_peak(tiny_model_dir):
