@@ -34,6 +34,12 @@ from refusal_lens.tiny_organisms import ARCHITECTURES, TinyArchitecture, random_
 POST_NORM = {"gemma2", "gemma3"}
 N_TEST = 16  # test prompts per side in the main job
 MAX_NEW_TOKENS = 12  # the trained replies are 7-8 tokens with EOS
+# The selection's KL limit for the organisms (nats). The paper's 0.1 sits inside the range of these 64-wide
+# models' candidate KLs, which made the pick depend on the CPU the organism was trained on: Phi-3's strongest
+# candidate (bypass -1.02) scored KL 0.109 on an AMD EPYC build and under 0.1 on the earlier machine's, so
+# there the rule fell back to a candidate with bypass -0.19 whose ablation leaves half the refusals. 0.2 keeps
+# the paper's rule (lowest bypass among candidates under the limit) off that knife edge.
+KL_MAX = 0.2
 FP32_ORTHOGONAL = 1e-5  # max |x . r| / |x| that float32 rounding leaves on these models (measured <= 3e-7)
 
 
@@ -64,7 +70,8 @@ def organism(request, tmp_path_factory) -> Organism:
     status = cli.main(["run", "--model", str(path), "--chat", spec.family, "--device", "cpu", "--out", str(out),
                        "--n-train", "64", "--n-val", "16", "--n-test", str(N_TEST), "--n-boot", "50",
                        "--lazy-selection", "--capability-tasks", "",
-                       "--max-new-tokens", str(MAX_NEW_TOKENS), "--fallback", "lowest-kl", "--html-only"])
+                       "--max-new-tokens", str(MAX_NEW_TOKENS), "--kl-max", str(KL_MAX), "--fallback", "lowest-kl",
+                       "--html-only"])
     assert status == 0, f"the main job stopped on the {arch} organism"
     run = open_run(str(path), out, create=False)
     report = json.loads((run.path / "report.json").read_text())
