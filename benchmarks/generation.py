@@ -28,7 +28,7 @@ def compare(model_spec: str = "smollm2-135m-instruct", n_prompts: int = 32, max_
     """Time each of :data:`CONDITIONS` ``repeats`` times, interleaved (the best run counts), on ``n_prompts``
     synthetic prompts; returns tokens/s, ratios and agreement flags (see the module docstring)."""
     import refusal_lens as rl
-    from refusal_lens.generation import generate_tokens
+    from refusal_lens.generation import generate_tokens, strip_padding
     from refusal_lens.models import load_hf
 
     from .models import synchronize
@@ -48,7 +48,8 @@ def compare(model_spec: str = "smollm2-135m-instruct", n_prompts: int = 32, max_
                 batch = model.chat.tokenize(texts[start : start + batch_size]).to(device)
                 out = hf.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=False,
                                   max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-                rows += [_strip(row, tokenizer.pad_token_id) for row in out[:, batch["input_ids"].shape[1] :].tolist()]
+                new = out[:, batch["input_ids"].shape[1] :].tolist()
+                rows += [strip_padding(row, tokenizer.pad_token_id) for row in new]
         return rows
 
     def ours(engine: str, hooks) -> Callable[[list[str]], list[list[int]]]:
@@ -82,13 +83,6 @@ def compare(model_spec: str = "smollm2-135m-instruct", n_prompts: int = 32, max_
     result["same_outputs_ablated"] = tokens["torch_ablated"] == tokens["bridge_ablated"]
     result["same_outputs_as_hf"] = tokens["torch"] == tokens["hf"] == tokens["bridge"]
     return result
-
-
-def _strip(row: list[int], pad: int) -> list[int]:
-    """A completion without the padding after an early end (as ``generate_tokens`` returns it)."""
-    while row and row[-1] == pad:
-        row.pop()
-    return row
 
 
 def summary(result: dict) -> str:

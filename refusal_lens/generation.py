@@ -65,11 +65,16 @@ def generate_tokens(
             output = model.original_model.generate(
                 input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), **options
             )
-            for row in output[:, batch["input_ids"].shape[1] :].tolist():
-                while row and row[-1] == tokenizer.pad_token_id:  # padding after a row that ended early
-                    row.pop()
-                completions.append(row)
+            completions += [strip_padding(row, tokenizer.pad_token_id)
+                            for row in output[:, batch["input_ids"].shape[1] :].tolist()]
     return completions
+
+
+def strip_padding(row: list[int], pad_token_id: int) -> list[int]:
+    """A completion's new token ids without the padding ``generate`` appends after a row that ended early."""
+    while row and row[-1] == pad_token_id:
+        row.pop()
+    return row
 
 
 def decode(model: Model, tokens: Sequence[int]) -> str:
