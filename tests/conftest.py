@@ -50,6 +50,13 @@ def chatml_tokenizer(request):
     return request.getfixturevalue("smollm2").tokenizer
 
 
+def hook_state(model) -> list[tuple[str, str, int, int]]:
+    """``(name, class, n forward hooks, n forward-pre hooks)`` of every module under the bridge: equal before
+    and after a call when it left no torch hook behind and put every bridge component back."""
+    return [(name, type(m).__name__, len(m._forward_hooks), len(m._forward_pre_hooks))
+            for name, m in model.named_modules()]
+
+
 def random_llama(tokenizer, path: Path, *, layers: int = 2, d_model: int = 64) -> Path:
     """A seeded random Llama with ``tokenizer``, saved as a local Hugging Face directory at ``path``."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -28,6 +28,8 @@ from refusal_lens.orthogonalize import OrthogonalizationError
 from refusal_lens.runs import open_run
 from refusal_lens.tiny_organisms import ARCHITECTURES, TinyArchitecture, random_tiny_model, tiny_organism
 
+from .conftest import hook_state
+
 # Gemma 2/3 add each sublayer's output to the residual through a post-sublayer RMSNorm: weight
 # orthogonalization removes the direction from the residual stream exactly but is not the hook's map there,
 # and a head's write is not linear in its z (see rl.orthogonalize_weights and rl.attribution).
@@ -361,12 +363,6 @@ def test_random_model_bridge_and_export_equal_hf(random_model, tmp_path):
     _, edited_logits, _ = sites(edited, prompts)
     with torch.no_grad():
         assert (edited_logits - reloaded(**batch).logits.double()[mask]).abs().max() <= 1e-4
-
-
-def hook_state(model) -> list[tuple[str, str, int, int]]:
-    """``(name, class, n forward hooks, n forward-pre hooks)`` of every module under the bridge."""
-    return [(name, type(m).__name__, len(m._forward_hooks), len(m._forward_pre_hooks))
-            for name, m in model.named_modules()]
 
 
 def test_random_model_torch_engine_generates_the_bridge_tokens(random_model):

@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 import refusal_lens as rl
 
-from .conftest import PROMPTS
+from .conftest import PROMPTS, hook_state
 
 
 def test_greedy_generation_equals_hf_generate(smollm2):
@@ -26,12 +26,9 @@ def test_greedy_generation_equals_hf_generate(smollm2):
 
 @pytest.mark.parametrize("engine", ["bridge", "torch"])
 def test_hooks_fire_during_generation_and_are_removed_after_an_error(tiny_model, engine):
-    def torch_hooks() -> list[tuple[str, int, int]]:
-        return [(n, len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in tiny_model.named_modules()]
-
     with torch.no_grad():  # blocks wire their own capture hooks on the first bridge forward
         tiny_model(tiny_model.chat.tokenize(PROMPTS[:1])["input_ids"])
-    before, seen = torch_hooks(), []
+    before, seen = hook_state(tiny_model), []
     rl.generate(
         tiny_model,
         PROMPTS[:2],
@@ -50,7 +47,7 @@ def test_hooks_fire_during_generation_and_are_removed_after_an_error(tiny_model,
         rl.generate(tiny_model, PROMPTS[:1], max_new_tokens=2, hooks=[("blocks.0.hook_resid_pre", boom)],
                     engine=engine)
     assert all(not hp._forward_hooks for hp in tiny_model.hook_dict.values())
-    assert torch_hooks() == before  # also: every bridge component back in place (names and classes)
+    assert hook_state(tiny_model) == before  # also: every bridge component back in place (names and classes)
 
 
 def test_auto_engine_falls_back_to_the_bridge_for_hooks_already_active(tiny_model):
