@@ -147,9 +147,10 @@ class ContrastSet:
     def select(self, splits: str | Iterable[str]) -> ContrastSet:
         """The items of the named fixed split(s)."""
         wanted = {splits} if isinstance(splits, str) else set(splits)
-        unknown = wanted - set(SPLITS)
+        known = (*SPLITS, *(s for s in OVER_REFUSAL_SPLITS if s not in SPLITS))
+        unknown = wanted - set(known)
         if unknown:
-            raise ValueError(f"unknown split(s) {sorted(unknown)}; choose from {SPLITS}")
+            raise ValueError(f"unknown split(s) {sorted(unknown)}; choose from {known}")
         keep = lambda items: tuple(i for i in items if i.split in wanted)  # noqa: E731
         return ContrastSet(f"{self.name}[{'+'.join(sorted(wanted))}]", keep(self.harmful), keep(self.harmless))
 
@@ -266,7 +267,8 @@ def load_contrast(name_or_path: str | Path, *, split: str | Iterable[str] | None
     Args:
         name_or_path: ``"refusal-pairs"`` (built in), or a folder holding ``harmful.json`` and
             ``harmless.json`` in the refusal_direction format.
-        split: for built-in sets, keep only these fixed split(s) (``organism``, ``train``, ``val``, ``test``).
+        split: for built-in sets, keep only these fixed split(s) (``refusal-pairs``: ``organism``, ``train``,
+            ``val``, ``test``; ``over-refusal``: ``train``, ``val``, ``test``, ``holdout``).
     """
     if str(name_or_path) in BUILTIN:
         contrast = _builtin(BUILTIN[str(name_or_path)], str(name_or_path))
@@ -287,8 +289,9 @@ def load_contrast(name_or_path: str | Path, *, split: str | Iterable[str] | None
 # ------------------------------------------------------------- over-refusal
 # "over-refusal" (see data/README.md): look-risky harmless requests, some with a harmful twin that differs
 # only in intent. Its own fixed splits (no organism split: the organism never saw it), by the same rule as
-# refusal-pairs: a salted SHA-256 bucket of the group id (a pair, or one unpaired request).
-OVER_REFUSAL_SPLITS = ("train", "val", "test")
+# refusal-pairs: a salted SHA-256 bucket of the group id (a pair, or one unpaired request). The `holdout`
+# split is whole files (holdout_*.tsv), written after the over-refusal rule was fixed, to judge it once.
+OVER_REFUSAL_SPLITS = ("train", "val", "test", "holdout")
 # Cumulative percentage of groups per split: train 40%, val 30%, test 30%.
 _OVER_REFUSAL_CUTS = (("train", 40), ("val", 70), ("test", 100))
 OVER_REFUSAL_KINDS = ("homonym", "figurative", "safe_target", "safe_context", "history", "definition",
@@ -308,14 +311,15 @@ def _over_refusal(folder: str, name: str) -> ContrastSet:
     the kind of the look-risky request it twins, ``pair_id`` shared with it)."""
     root = files("refusal_lens") / "data" / folder
     harmful, harmless = [], []
-    for n, row in enumerate(_read_tsv(root / "pairs.tsv")):
-        pair_id = f"pair-{n:03d}"
-        split = over_refusal_split_of(pair_id)
-        harmless.append(Instruction(row["harmless"], None, row["kind"], pair_id, split))
-        harmful.append(Instruction(row["harmful"], row["category"], row["kind"], pair_id, split))
-    for n, row in enumerate(_read_tsv(root / "look_risky.tsv")):
-        split = over_refusal_split_of(f"single-{n:03d}")
-        harmless.append(Instruction(row["instruction"], None, row["kind"], None, split))
+    for prefix, split_of_group in (("", over_refusal_split_of), ("holdout_", lambda _: "holdout")):
+        for n, row in enumerate(_read_tsv(root / f"{prefix}pairs.tsv")):
+            pair_id = f"{prefix}pair-{n:03d}"
+            split = split_of_group(pair_id)
+            harmless.append(Instruction(row["harmless"], None, row["kind"], pair_id, split))
+            harmful.append(Instruction(row["harmful"], row["category"], row["kind"], pair_id, split))
+        for n, row in enumerate(_read_tsv(root / f"{prefix}look_risky.tsv")):
+            split = split_of_group(f"{prefix}single-{n:03d}")
+            harmless.append(Instruction(row["instruction"], None, row["kind"], None, split))
     unknown = sorted({i.kind for i in harmless} - set(OVER_REFUSAL_KINDS))
     if unknown:
         raise ValueError(f"{folder}: unknown kind(s) {unknown}; use one of {OVER_REFUSAL_KINDS}")
@@ -323,3 +327,10 @@ def _over_refusal(folder: str, name: str) -> ContrastSet:
 
 
 _LOADERS = {"over_refusal": _over_refusal}
+
+
+def holdout_everyday() -> tuple[str, ...]:
+    """Plain everyday harmless requests of the over-refusal ``holdout`` split (``holdout_everyday.tsv``): the
+    held-out counterpart of ``refusal-pairs``' ``general`` requests, for harmless refusal and KL."""
+    root = files("refusal_lens") / "data" / "over_refusal"
+    return tuple(row["instruction"] for row in _read_tsv(root / "holdout_everyday.tsv"))

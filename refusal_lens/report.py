@@ -66,14 +66,19 @@ def _over_refusal_lines(over: dict | None) -> list[str]:
         return [*lines, f"  false-refusal vector    {over['selection_failed']}"]
     if "selected" not in over:
         return lines
-    sel, test = over["selected"], over["test"]
+    sel = over["selected"]
     lines.append(f"  false-refusal vector    pos {sel['pos']}, layer {sel['layer']}, λ = {sel['lambda']:g}")
-    for name, label in (("look_risky", "look-risky"), ("harmful_all", "harmful"), ("harmless", "plain harmless")):
-        base, ablated = test["refusal_rate"][name]["baseline"], test["refusal_rate"][name]["ablated"]
-        lines.append(f"  {label + ' (test)':<23} {_rate(base)} -> {_rate(ablated)} with it ablated")
-    kl = test["kl_harmless"]
-    null = f" (random directions: median {kl['null']['median']:.4f})" if kl["null"] else ""
-    return [*lines, f"  KL on harmless (test)   {kl['mean']:.4f} nats{null}"]
+    for split in ("test", "holdout"):
+        if split not in over:
+            continue
+        result = over[split]
+        for name, label in (("look_risky", "look-risky"), ("harmful_all", "harmful"), ("harmless", "plain harmless")):
+            base, ablated = result["refusal_rate"][name]["baseline"], result["refusal_rate"][name]["ablated"]
+            lines.append(f"  {f'{label} ({split})':<26} {_rate(base)} -> {_rate(ablated)} with it ablated")
+        kl = result["kl_harmless"]
+        null = f" (random directions: median {kl['null']['median']:.4f})" if kl["null"] else ""
+        lines.append(f"  {f'KL on harmless ({split})':<26} {kl['mean']:.4f} nats{null}")
+    return lines
 
 
 def _rate(rate: dict) -> str:

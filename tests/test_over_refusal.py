@@ -1,5 +1,6 @@
 """Over-refusal: the data set, the false-refusal direction on a planted model, selection, Wilson CIs, the figure."""
 
+import itertools
 import json
 import re
 from collections import Counter
@@ -11,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import refusal_lens as rl
 from refusal_lens import plots
-from refusal_lens.data import OVER_REFUSAL_KINDS, over_refusal_split_of
+from refusal_lens.data import OVER_REFUSAL_KINDS, holdout_everyday, over_refusal_split_of
 from refusal_lens.over_refusal import (
     FALLBACK_RULE,
     METHOD_BOTH,
@@ -40,11 +41,18 @@ def over():
 
 
 def test_set_meets_its_datasheet(over):
-    kinds = Counter(i.kind for i in over.harmless)
-    assert len(over.harmless) == 268 and len(over.harmful) == 67 and len(over.pairs()) == 67
+    developed = over.select(["train", "val", "test"])
+    kinds = Counter(i.kind for i in developed.harmless)
+    assert len(developed.harmless) == 268 and len(developed.harmful) == 67 and len(developed.pairs()) == 67
     assert set(kinds) == set(OVER_REFUSAL_KINDS) and min(kinds.values()) >= 30, kinds
     assert kinds == {"homonym": 46, "figurative": 37, "safe_target": 37, "safe_context": 39, "history": 34,
                      "definition": 43, "privacy_public": 32}
+    # The held-out files: 16 unpaired requests and 8 pairs per kind, 48 everyday requests.
+    holdout = over.select("holdout")
+    assert len(holdout.harmless) == 168 and len(holdout.harmful) == 56 and len(holdout.pairs()) == 56
+    assert Counter(i.kind for i in holdout.harmless) == {kind: 24 for kind in OVER_REFUSAL_KINDS}
+    assert Counter(i.kind for i in holdout.harmful) == {kind: 8 for kind in OVER_REFUSAL_KINDS}
+    assert len(holdout_everyday()) == 48 == len(set(holdout_everyday()))
     categories = {i.category for i in rl.load_contrast("refusal-pairs").harmful}
     assert {i.category for i in over.harmful} <= categories
     assert all(i.category is None for i in over.harmless)
@@ -54,15 +62,16 @@ def test_set_meets_its_datasheet(over):
 
 
 def test_splits_are_fixed_disjoint_and_keep_pairs_together(over):
-    parts = {s: rl.load_contrast("over-refusal", split=s) for s in ("train", "val", "test")}
+    parts = {s: rl.load_contrast("over-refusal", split=s) for s in ("train", "val", "test", "holdout")}
     texts = {s: set(p.harmful_texts) | set(p.harmless_texts) for s, p in parts.items()}
-    assert not texts["train"] & texts["val"] and not texts["train"] & texts["test"] and not texts["val"] & texts["test"]
+    assert all(not texts[a] & texts[b] for a, b in itertools.combinations(texts, 2))
     assert sum(map(len, texts.values())) == len(over.harmful) + len(over.harmless)
     assert sum(len(p.pairs()) for p in parts.values()) == len(over.pairs())  # no pair is cut
     assert not rl.load_contrast("over-refusal", split="organism").harmless  # the organism never saw this set
     # Pinned: the salted-hash rule and append-only rows keep every request in its split.
     counts = {s: (len(p.harmful), len(p.harmless)) for s, p in parts.items()}
-    assert counts == {"train": (30, 107), "val": (19, 76), "test": (18, 85)}
+    assert counts == {"train": (30, 107), "val": (19, 76), "test": (18, 85), "holdout": (56, 168)}
+    assert all(i.pair_id.startswith("holdout_") for i in parts["holdout"].harmful)
     assert [over_refusal_split_of(f"pair-{n:03d}") for n in range(6)] == [i.split for i in over.harmless[:6]]
     assert over_refusal_split_of("single-000") == over.harmless[67].split
 
@@ -74,7 +83,7 @@ def _norm(text: str) -> str:
 def test_no_text_duplicates_refusal_pairs_or_itself(over):
     pairs = rl.load_contrast("refusal-pairs")
     theirs = {_norm(t) for t in pairs.harmful_texts + pairs.harmless_texts}
-    ours = [_norm(t) for t in over.harmful_texts + over.harmless_texts]
+    ours = [_norm(t) for t in over.harmful_texts + over.harmless_texts + list(holdout_everyday())]
     assert not set(ours) & theirs
     assert len(set(ours)) == len(ours)
 
@@ -83,8 +92,7 @@ IMPERATIVES = ("Write", "Describe", "Explain", "List", "Give", "Tell")
 
 
 def test_every_item_is_a_single_short_request(over):
-    for item in (*over.harmful, *over.harmless):
-        text = item.text
+    for text in (*over.harmful_texts, *over.harmless_texts, *holdout_everyday()):
         assert text == text.strip() and "\n" not in text and "\t" not in text and len(text) <= 160, text
         assert text.endswith("?") or (text.endswith(".") and text.startswith(IMPERATIVES)), text
 
@@ -98,6 +106,11 @@ def test_prompts_of_a_split_combine_the_sets():
     assert val.all_harmful == [*pairs.harmful_texts, *val.twins]
     with pytest.raises(ValueError, match="split must be"):
         over_refusal_prompts("organism")
+    # holdout: the held-out files alone; plain harmless are its own everyday requests.
+    holdout = over_refusal_prompts("holdout")
+    assert len(holdout.look_risky) == 168 and len(holdout.twins) == 56
+    assert holdout.harmful == () and holdout.look_risky_pairs == () and holdout.harmless == holdout_everyday()
+    assert holdout.all_harmful == list(holdout.twins)
 
 
 # ------------------------------------------------------------------ planted model
@@ -418,6 +431,22 @@ def test_evaluate_on_test_is_consistent(organism_selection):
     assert set(result_tables(result)["by_kind"].kind) >= {"all"}
 
 
+def test_evaluate_on_holdout_uses_the_held_out_files_only(organism_selection):
+    model, refusal, candidates, _, _ = organism_selection
+    vector = _candidate(candidates, refusal, 8, 1.0)
+    result = evaluate_on_test(model, vector, n_test=2, max_new_tokens=4, n_null=0, n_examples=2, batch_size=8,
+                              split="holdout")
+    holdout = over_refusal_prompts("holdout")
+    assert result["split"] == "holdout"
+    assert result["n"] == {"look_risky": 2, "harmful_all": 2, "harmless": 2}  # no refusal-pairs look-risky set
+    assert set(result["acceptance"]) == {"look_risky_halved", "harmful_kept_90pct", "harmless_not_increased"}
+    assert [e["instruction"] for e in result["examples"]["harmful_ablated"]] == list(holdout.twins[:2])
+    assert {e["instruction"] for e in result["examples"]["look_risky"]} == set(holdout.look_risky_texts[:2])
+    assert result["kl_harmless"]["null"] is None
+    with pytest.raises(ValueError, match="split must be 'test' or 'holdout'"):
+        evaluate_on_test(model, vector, n_test=1, split="val")
+
+
 def test_stage_stops_below_its_threshold_and_the_main_job_step_runs_above(organism_selection, tmp_path):
     from refusal_lens import pipeline
     from refusal_lens.cli import build_parser
@@ -443,6 +472,7 @@ def test_stage_stops_below_its_threshold_and_the_main_job_step_runs_above(organi
     assert report["train"]["n_look_risky"] == 6 and report["train"]["filter_train"] is False
     assert set(report["test"]["acceptance"]) == {"look_risky_halved", "look_risky_refusal_pairs_halved",
                                                  "harmful_kept_90pct", "harmless_not_increased"}
+    assert report["holdout"]["split"] == "holdout" and report["holdout"]["n"]["look_risky"] == 1
     assert "over_refusal" in state.timings
     json.dumps(state.report)  # JSON-ready as it is
     vector = rl.load_direction(state.folder.path / report["file"], model)
@@ -450,6 +480,7 @@ def test_stage_stops_below_its_threshold_and_the_main_job_step_runs_above(organi
     assert (state.folder.path / "over_refusal_selection.csv").exists()
     lines = _over_refusal_lines(report)
     assert lines[0].startswith("over-refusal (val)") and "false-refusal vector    pos -1, layer 8" in lines[1]
+    assert any("look-risky (holdout)" in line for line in lines) and any("(test)" in line for line in lines)
     parse = build_parser().parse_args
     assert parse(["run"]).no_over_refusal is False and parse(["run", "--no-over-refusal"]).no_over_refusal is True
     assert pipeline.RunConfig().over_refusal is True
