@@ -271,7 +271,13 @@ def load_contrast(name_or_path: str | Path, *, split: str | Iterable[str] | None
             ``val``, ``test``; ``over-refusal``: ``train``, ``val``, ``test``, ``holdout``).
     """
     if str(name_or_path) in BUILTIN:
-        contrast = _builtin(BUILTIN[str(name_or_path)], str(name_or_path))
+        name = str(name_or_path)
+        if split is not None:
+            known = OVER_REFUSAL_SPLITS if name == "over-refusal" else SPLITS
+            unknown = ({split} if isinstance(split, str) else set(split)) - set(known) - set(SPLITS)
+            if unknown:
+                raise ValueError(f"unknown split(s) {sorted(unknown)} of {name!r}; choose from {known}")
+        contrast = _builtin(BUILTIN[name], name)
         return contrast.select(split) if split is not None else contrast
     folder = Path(name_or_path)
     if not folder.is_dir():
