@@ -147,10 +147,11 @@ class ContrastSet:
     def select(self, splits: str | Iterable[str]) -> ContrastSet:
         """The items of the named fixed split(s)."""
         wanted = {splits} if isinstance(splits, str) else set(splits)
-        known = (*SPLITS, *(s for s in OVER_REFUSAL_SPLITS if s not in SPLITS))
-        unknown = wanted - set(known)
+        # The standard splits, and any other this set's items carry (over-refusal's holdout).
+        known = set(SPLITS) | {i.split for i in (*self.harmful, *self.harmless) if i.split}
+        unknown = wanted - known
         if unknown:
-            raise ValueError(f"unknown split(s) {sorted(unknown)}; choose from {known}")
+            raise ValueError(f"unknown split(s) {sorted(unknown)} of {self.name!r}; choose from {sorted(known)}")
         keep = lambda items: tuple(i for i in items if i.split in wanted)  # noqa: E731
         return ContrastSet(f"{self.name}[{'+'.join(sorted(wanted))}]", keep(self.harmful), keep(self.harmless))
 
@@ -271,13 +272,7 @@ def load_contrast(name_or_path: str | Path, *, split: str | Iterable[str] | None
             ``val``, ``test``; ``over-refusal``: ``train``, ``val``, ``test``, ``holdout``).
     """
     if str(name_or_path) in BUILTIN:
-        name = str(name_or_path)
-        if split is not None:
-            known = OVER_REFUSAL_SPLITS if name == "over-refusal" else SPLITS
-            unknown = ({split} if isinstance(split, str) else set(split)) - set(known) - set(SPLITS)
-            if unknown:
-                raise ValueError(f"unknown split(s) {sorted(unknown)} of {name!r}; choose from {known}")
-        contrast = _builtin(BUILTIN[name], name)
+        contrast = _builtin(BUILTIN[str(name_or_path)], str(name_or_path))
         return contrast.select(split) if split is not None else contrast
     folder = Path(name_or_path)
     if not folder.is_dir():
