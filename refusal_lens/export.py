@@ -17,26 +17,36 @@ from .models import Model
 def save_hf(model: Model, path: str | Path, *, card: dict | None = None) -> Path:
     """Save a bridge's weights as a plain Hugging Face model directory (config, safetensors, tokenizer).
 
-    The bridge wraps HF modules in place; this rebuilds a clean HF model from the
-    config, loads the unwrapped weights strictly (every expected tensor must be
-    found), unties the output head if the bridge's copy was untied (as
-    ``orthogonalize_weights`` does), and writes ``refusal_lens.json`` with ``card``
-    (default: the edit recorded in ``model.info.edit``, e.g. the orthogonalized direction and
-    its provenance) and a model card ``README.md``.
+    The bridge wraps HF modules in place; this builds a clean HF model from the config on the
+    ``meta`` device (no memory, no random init), gives it host copies of the unwrapped weights
+    strictly (every expected tensor must be found; one copy per tensor, so a tied head stays tied
+    and a model on a GPU costs one model's worth of host memory), unties the output head if the
+    bridge's copy was untied (as ``orthogonalize_weights`` does), and writes ``refusal_lens.json``
+    with ``card`` (default: the edit recorded in ``model.info.edit``, e.g. the orthogonalized
+    direction and its provenance) and a model card ``README.md``.
     """
     from transformers import AutoModelForCausalLM
 
     hf = model.original_model
-    weights = {k.replace("._original_component", ""): v for k, v in hf.state_dict().items()}
+    host: dict[int, torch.Tensor] = {}  # id(parameter) -> its CPU copy
+    weights = {}
+    for name, tensor in hf.state_dict(keep_vars=True).items():
+        if id(tensor) not in host:
+            host[id(tensor)] = tensor.detach().to("cpu")
+        weights[name.replace("._original_component", "")] = host[id(tensor)]
     config = copy.deepcopy(hf.config)
     embed, head = model.embed.original_component.weight, model.unembed.original_component.weight
-    config.tie_word_embeddings = embed.data_ptr() == head.data_ptr()
-    clean = AutoModelForCausalLM.from_config(config, dtype=hf.dtype)
+    # data_ptr() is 0 for tensors without storage of their own (meta, lazy): identity settles those
+    config.tie_word_embeddings = embed is head or embed.data_ptr() == head.data_ptr() != 0
+    with torch.device("meta"):
+        clean = AutoModelForCausalLM.from_config(config, dtype=hf.dtype)
     expected = clean.state_dict()
     missing = [k for k in expected if k not in weights]
     if missing:
         raise RuntimeError(f"cannot map the bridge's weights back to {type(clean).__name__}: missing {missing[:5]}")
-    clean.load_state_dict({k: weights[k] for k in expected}, strict=True)
+    clean.load_state_dict({k: weights[k] for k in expected}, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        clean.tie_weights()
     path = Path(path)
     clean.save_pretrained(path)
     model.tokenizer.save_pretrained(path)
