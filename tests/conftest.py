@@ -41,7 +41,7 @@ def refusal_model():
 @pytest.fixture(scope="session")
 def chatml_tokenizer(request):
     """SmolLM2's ChatML tokenizer; ``REFUSAL_LENS_TEST_TOKENIZER`` (a tokenizer directory) supplies it where
-    the model package is absent, e.g. on a GPU machine that runs tests/test_cuda.py with random models only."""
+    the model package is absent, e.g. on a GPU machine that runs tests/test_devices.py with random models only."""
     folder = os.environ.get("REFUSAL_LENS_TEST_TOKENIZER")
     if folder:
         from transformers import AutoTokenizer
