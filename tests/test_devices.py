@@ -157,6 +157,54 @@ def test_metrics_and_selection_on_the_device_agree_with_the_reference_loop(dev32
     assert ours.best == reference_best and reference_best is not None
 
 
+def notebook_steps(model) -> dict[str, object]:
+    """The package calls notebooks 03-06 make, on HARMFUL/HARMLESS with the direction found at layer 2: name ->
+    a DataFrame or tensor (head attribution and its ablation check, the suffix analysis and a GCG search,
+    verdicts by reply length, the alpha sweep, the rank-k curve, base vs chat with the model as its own twin,
+    Cohen's d, the capability table with ablation)."""
+    layer = 2
+    found = rl.diff_in_means(model, HARMFUL, HARMLESS, positions=[-1], layers=[1, 2, 3])
+    r = found.direction(-1, layer)
+    heads = rl.head_attribution(model, HARMFUL, r, layer=layer, baseline=HARMLESS)
+    conditions, per_head = rl.suffix.suffix_analysis(model, r, HARMFUL, HARMLESS, {"random": " ! ! !"}, layer=layer,
+                                                     heads=[(0, 0), (1, 1)], max_new_tokens=2)
+    basis = rl.subspace.pair_difference_basis(model, HARMFUL, HARMLESS, 2, layer=layer)
+    capability, _ = rl.evals.capability_table({"baseline": (model, ()), "ablated": (model, rl.ablate(model, r).hooks)},
+                                              limit=4)
+    return {
+        "direction": r,
+        "decompose": rl.attribution.decompose(model, HARMFUL, r, layer=layer).heads,
+        "head_attribution": heads,
+        "head_ablation_check": rl.attribution.head_ablation_check(model, heads, r, HARMFUL, HARMLESS, layer=layer, k=2,
+                                                                  n_random=2),
+        "suffix_conditions": conditions, "suffix_per_head": per_head,
+        "gcg_first_loss": torch.tensor(rl.suffix.gcg_suffix(model, HARMFUL[:2], n_tokens=3, steps=2,
+                                                            search_width=8).losses[:1]),
+        "refusal_by_length": rl.refusal_by_length(model, HARMFUL, (2, 4), hooks=rl.ablate(model, r).hooks),
+        "alpha_sweep": rl.alpha_sweep(model, r, HARMFUL, [0.0, 1.0], max_new_tokens=2),
+        "refusal_vs_rank": rl.subspace.refusal_vs_rank(model, basis, HARMFUL, max_new_tokens=2),
+        "cohens_d": rl.stats.cohens_d(model, found, HARMFUL, HARMLESS, n_boot=20),
+        "compare_twins": rl.compare_twins(model, model, found, found, HARMFUL, HARMLESS, direction=r, max_new_tokens=2,
+                                          n_boot=20)["cosines"],
+        "capability": capability,
+    }
+
+
+def test_notebook_steps_on_the_device_give_the_cpu_numbers(cpu32, dev32):
+    """Every mechanism step of the notebooks runs with the model on the device and gives the CPU model's
+    numbers (float32 on both: to 1e-4 relative), so nothing in them builds a tensor off the model's device."""
+    import pandas as pd
+
+    on_cpu, on_device = notebook_steps(cpu32), notebook_steps(dev32)
+    for name, expected in on_cpu.items():
+        got = on_device[name]
+        if isinstance(expected, pd.DataFrame):
+            pd.testing.assert_frame_equal(got, expected, check_exact=False, rtol=1e-4, atol=1e-5, obj=name)
+        else:
+            assert got.device.type == "cpu", name
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5, msg=name)
+
+
 # Every architecture in float32 (the over-refusal step left out: it adds nothing architecture-specific), and
 # Gemma 2 -- post-sublayer norms, soft-capping, orthogonalization a different map from the hooks -- in bfloat16
 # with every step of the default job. bf16 on pre-norm architectures: the random-Llama tests above.
