@@ -205,10 +205,13 @@ def test_notebook_steps_on_the_device_give_the_cpu_numbers(cpu32, dev32):
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5, msg=name)
 
 
-# Every architecture in float32 (the over-refusal step left out: it adds nothing architecture-specific), and
-# Gemma 2 -- post-sublayer norms, soft-capping, orthogonalization a different map from the hooks -- in bfloat16
-# with every step of the default job. bf16 on pre-norm architectures: the random-Llama tests above.
-END_TO_END = [(arch, "float32") for arch in ARCHITECTURES] + [("gemma2", "bfloat16")]
+# One organism per kind of structure, in float32 (the over-refusal step left out: it adds nothing
+# architecture-specific): Llama (plain pre-norm; Mistral and Gemma 1 differ by a sliding window and embedding
+# scaling), Qwen2 (qkv biases), Gemma 2 and 3 (post-sublayer norms, soft-capping, sliding windows, q/k norms as
+# in Qwen3), Phi-3 (fused qkv/gate_up; CUDA only, see below); and Gemma 2 in bfloat16 with every step of the
+# default job. bf16 on pre-norm architectures: the random-Llama tests above. The CPU matrix
+# (tests/test_architectures.py) runs the main job on all 8.
+END_TO_END = [(arch, "float32") for arch in ("llama", "qwen2", "gemma2", "gemma3", "phi3")] + [("gemma2", "bfloat16")]
 
 
 @pytest.mark.parametrize(("arch", "dtype"), END_TO_END)
