@@ -30,11 +30,19 @@ from .conftest import PROMPTS, random_llama
 
 
 def _lazy_device_available() -> bool:
+    """Whether the lazy-tensor device works, registering its TorchScript backend if nobody has (registering it
+    twice raises)."""
     try:
-        import torch._lazy.ts_backend
+        torch.empty(0, device="lazy")
+        return True
+    except (NotImplementedError, RuntimeError):
+        pass
+    try:
+        from torch._lazy import ts_backend
 
-        torch._lazy.ts_backend.init()  # idempotent
-    except (ImportError, RuntimeError):
+        ts_backend.init()
+        torch.empty(0, device="lazy")
+    except (ImportError, NotImplementedError, RuntimeError):
         return False
     return True
 
