@@ -166,10 +166,14 @@ def test_metrics_and_selection_on_the_device_agree_with_the_reference_loop(dev32
 
 
 def notebook_steps(model) -> dict[str, object]:
-    """The package calls notebooks 03-06 make, on HARMFUL/HARMLESS with the direction found at layer 2: name ->
+    """The package calls notebooks 03-07 make, on HARMFUL/HARMLESS with the direction found at layer 2: name ->
     a DataFrame or tensor (head attribution and its ablation check, the suffix analysis and a GCG search,
     verdicts by reply length, the alpha sweep, the rank-k curve, base vs chat with the model as its own twin,
-    Cohen's d, the capability table with ablation)."""
+    Cohen's d, the capability table with ablation; notebook 07's test-split evaluation with layer 1's direction
+    standing in for the false-refusal vector, 2 prompts per set; not its partial-ablation scan, which needs a
+    model that refuses and makes the alpha sweep's calls: refusal_score under ablate(alpha))."""
+    import pandas as pd
+
     layer = 2
     found = rl.diff_in_means(model, HARMFUL, HARMLESS, positions=[-1], layers=[1, 2, 3])
     r = found.direction(-1, layer)
@@ -179,6 +183,9 @@ def notebook_steps(model) -> dict[str, object]:
     basis = rl.subspace.pair_difference_basis(model, HARMFUL, HARMLESS, 2, layer=layer)
     capability, _ = rl.evals.capability_table({"baseline": (model, ()), "ablated": (model, rl.ablate(model, r).hooks)},
                                               limit=4)
+    over_refusal = rl.over_refusal.evaluate_on_test(model, found.direction(-1, 1), refusal_direction=r,
+                                                    refusal_alphas=[0.5], both_alphas=[0.5], n_test=2,
+                                                    max_new_tokens=2, n_null=2)
     return {
         "direction": r,
         "decompose": rl.attribution.decompose(model, HARMFUL, r, layer=layer).heads,
@@ -195,12 +202,15 @@ def notebook_steps(model) -> dict[str, object]:
         "compare_twins": rl.compare_twins(model, model, found, found, HARMFUL, HARMLESS, direction=r, max_new_tokens=2,
                                           n_boot=20)["cosines"],
         "capability": capability,
+        "over_refusal_trade_off": pd.DataFrame(over_refusal["trade_off"]),
+        "over_refusal_kl": torch.tensor(over_refusal["kl_harmless"]["mean"]),
     }
 
 
 def test_notebook_steps_on_the_device_give_the_cpu_numbers(cpu32, dev32):
-    """Every mechanism step of the notebooks runs with the model on the device and gives the CPU model's
-    numbers (float32 on both: to 1e-4 relative), so nothing in them builds a tensor off the model's device."""
+    """Every mechanism and over-refusal step of the notebooks runs with the model on the device and gives the
+    CPU model's numbers (float32 on both: to 1e-4 relative), so nothing in them builds a tensor off the model's
+    device."""
     import pandas as pd
 
     on_cpu, on_device = notebook_steps(cpu32), notebook_steps(dev32)
