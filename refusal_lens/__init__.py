@@ -27,7 +27,6 @@ from . import (
     stats,
     subspace,
     suffix,
-    tiny_organisms,
     torch_engine,
 )
 from .attribution import head_attribution
@@ -88,5 +87,5 @@ __all__ = [
     "false_refusal_direction",
     # submodules
     "attribution", "base_vs_chat", "judge", "metrics", "organism", "over_refusal", "pipeline", "plots", "runs",
-    "selection", "stats", "subspace", "suffix", "tiny_organisms", "torch_engine",
+    "selection", "stats", "subspace", "suffix", "torch_engine",
 ]

@@ -1,8 +1,8 @@
-"""Every supported architecture through the whole pipeline, on tiny trained organisms.
+"""Every supported architecture through the whole pipeline, on tiny trained models.
 
-For each architecture of :data:`refusal_lens.tiny_organisms.ARCHITECTURES` one module-scoped fixture builds
-its organism (or reads it from the cache), loads it with ``rl.load_model`` and runs the main job on it
-in-process (``refusal_lens.cli.main(["run", ...])``: the code path of ``refusal-lens run``). The organism was
+For each architecture of :data:`tests.tiny_models.ARCHITECTURES` one module-scoped fixture builds
+its tiny model (or reads it from the cache), loads it with ``rl.load_model`` and runs the main job on it
+in-process (``refusal_lens.cli.main(["run", ...])``: the code path of ``refusal-lens run``). The tiny model was
 trained to refuse the harmful prompts of these splits and answer the harmless ones, so the pipeline must find
 a direction that mediates that behaviour. References are independent of TransformerLens: the Hugging Face
 model itself (hidden states, logits, greedy ``generate``), the HF model with plain torch forward hooks that
@@ -26,7 +26,7 @@ from refusal_lens import orthogonalize as rl_orthogonalize
 from refusal_lens.attribution import AttributionError, decompose
 from refusal_lens.orthogonalize import OrthogonalizationError
 from refusal_lens.runs import open_run
-from refusal_lens.tiny_organisms import ARCHITECTURES, TinyArchitecture, random_tiny_model, tiny_organism
+from tests.tiny_models import ARCHITECTURES, TinyArchitecture, random_tiny_model, trained_tiny_model
 
 from .conftest import hook_state
 
@@ -36,18 +36,17 @@ from .conftest import hook_state
 POST_NORM = {"gemma2", "gemma3"}
 N_TEST = 16  # test prompts per side in the main job
 MAX_NEW_TOKENS = 12  # the trained replies are 7-8 tokens with EOS
-# The selection's KL limit for the organisms (nats). The paper's 0.1 sits inside the range of these 64-wide
-# models' candidate KLs, which made the pick depend on the CPU the organism was trained on: Phi-3's strongest
-# candidate (bypass -1.02) scored KL 0.109 on an AMD EPYC build and under 0.1 on the earlier machine's, so
-# there the rule fell back to a candidate with bypass -0.19 whose ablation leaves half the refusals. 0.2 keeps
-# the paper's rule (lowest bypass among candidates under the limit) off that knife edge.
+# The selection's KL limit for the tiny models (nats). The paper's 0.1 sits inside the range of these 64-wide
+# models' candidate KLs, so a strong candidate's KL can fall either side of it with the training CPU's float
+# rounding and the pick would depend on the machine; 0.2 keeps the paper's rule (lowest bypass under the limit)
+# off that edge.
 KL_MAX = 0.2
 FP32_ORTHOGONAL = 1e-5  # max |x . r| / |x| that float32 rounding leaves on these models (measured <= 3e-7)
 
 
 @dataclass
-class Organism:
-    """One architecture's organism, its main-job run and the direction the run selected."""
+class TinyRun:
+    """One architecture's tiny, its main-job run and the direction the run selected."""
 
     arch: str
     spec: TinyArchitecture
@@ -62,26 +61,26 @@ class Organism:
 
 
 @pytest.fixture(scope="module", params=list(ARCHITECTURES))
-def organism(request, tmp_path_factory) -> Organism:
+def tiny(request, tmp_path_factory) -> TinyRun:
     from transformers import AutoModelForCausalLM
 
     arch = request.param
     spec = ARCHITECTURES[arch]
-    path = tiny_organism(arch)
+    path = trained_tiny_model(arch)
     out = tmp_path_factory.mktemp(f"run-{arch}")
     status = cli.main(["run", "--model", str(path), "--chat", spec.family, "--device", "cpu", "--out", str(out),
                        "--n-train", "64", "--n-val", "16", "--n-test", str(N_TEST), "--n-boot", "50",
                        "--lazy-selection", "--capability-tasks", "",
                        "--max-new-tokens", str(MAX_NEW_TOKENS), "--kl-max", str(KL_MAX), "--fallback", "lowest-kl",
                        "--html-only"])
-    assert status == 0, f"the main job stopped on the {arch} organism"
+    assert status == 0, f"the main job stopped on the {arch} tiny model"
     run = open_run(str(path), out, create=False)
     report = json.loads((run.path / "report.json").read_text())
     directions, pos, layer = run.selected()
     model = rl.load_model(str(path), device="cpu", chat=spec.family)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
     test = rl.load_contrast("refusal-pairs", split="test")
-    return Organism(arch, spec, path, model, hf, report, directions.direction(pos, layer).float(), layer,
+    return TinyRun(arch, spec, path, model, hf, report, directions.direction(pos, layer).float(), layer,
                     test.harmful_texts[:4], test.harmless_texts[:4])
 
 
@@ -142,32 +141,32 @@ def hf_greedy(hf, model, prompts: list[str]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------- tests
-def test_bridge_residual_stream_and_logits_equal_hf(organism):
-    prompts = organism.harmful[:2] + organism.harmless[:2]
-    batch = organism.model.chat.tokenize(prompts)
-    seen, logits, mask = sites(organism.model, prompts)
+def test_bridge_residual_stream_and_logits_equal_hf(tiny):
+    prompts = tiny.harmful[:2] + tiny.harmless[:2]
+    batch = tiny.model.chat.tokenize(prompts)
+    seen, logits, mask = sites(tiny.model, prompts)
     with torch.no_grad():
-        ref = organism.hf(**batch, output_hidden_states=True)
-    for layer in range(organism.model.cfg.n_layers):
+        ref = tiny.hf(**batch, output_hidden_states=True)
+    for layer in range(tiny.model.cfg.n_layers):
         expected = ref.hidden_states[layer].double()[mask]
         scale = expected.abs().max()
         assert (seen[f"blocks.{layer}.hook_resid_pre"] - expected).abs().max() <= 1e-5 * scale, layer
     assert (logits - ref.logits.double()[mask]).abs().max() <= 1e-4
 
 
-def test_main_job_finds_the_direction_that_mediates_the_trained_refusal(organism):
-    rates, n = organism.report["refusal_rate"], organism.report["n_test"]
+def test_main_job_finds_the_direction_that_mediates_the_trained_refusal(tiny):
+    rates, n = tiny.report["refusal_rate"], tiny.report["n_test"]
     assert n == {"harmful": N_TEST, "harmless": N_TEST}
     assert rates["harmful_baseline"] >= 0.8 and rates["harmless_baseline"] <= 0.2, rates
     assert rates["harmful_ablated"] <= 0.2, rates
     assert rates["harmless_added"] > rates["harmless_baseline"], rates
 
 
-def test_ablation_leaves_every_residual_site_orthogonal_to_the_direction(organism):
-    prompts = organism.harmful + organism.harmless
-    r = organism.direction
-    before, _, _ = sites(organism.model, prompts)
-    after, _, _ = sites(organism.model, prompts, rl.ablate(organism.model, r).hooks)
+def test_ablation_leaves_every_residual_site_orthogonal_to_the_direction(tiny):
+    prompts = tiny.harmful + tiny.harmless
+    r = tiny.direction
+    before, _, _ = sites(tiny.model, prompts)
+    after, _, _ = sites(tiny.model, prompts, rl.ablate(tiny.model, r).hooks)
     assert max(leak(x, r) for x in before.values()) > 0.05  # the direction is there to remove
     for name, x in after.items():
         assert leak(x, r) <= FP32_ORTHOGONAL, name
@@ -198,27 +197,27 @@ def post_norm_write_and_its_formula(model, edited, r: Tensor, prompts: list[str]
     return captured["blocks.0.hook_attn_out"], expected
 
 
-def test_weight_orthogonalization(organism, monkeypatch):
+def test_weight_orthogonalization(tiny, monkeypatch):
     """Exact architectures: the edited weights equal hook ablation. Gemma 2/3: every residual site of the
     edited model is orthogonal to the direction, as under the hooks; the edited sublayer's write follows the
     documented map (which is not the hook's); a wrong post-norm gain raises instead of returning a model.
-    Behaviour: exact architectures' edited organisms give hook ablation's greedy replies; Gemma 2/3's refuse at
+    Behaviour: exact architectures' edited tiny models give hook ablation's greedy replies; Gemma 2/3's refuse at
     most 1 of the 4 harmful prompts (hook ablation: 0 of 16 on both)."""
-    model, r = organism.model, organism.direction
-    prompts = organism.harmful + organism.harmless
+    model, r = tiny.model, tiny.direction
+    prompts = tiny.harmful + tiny.harmless
     edited = rl.orthogonalize_weights(model, r)
-    replies = rl.generate(edited, organism.harmful, max_new_tokens=MAX_NEW_TOKENS, progress=False)
-    if organism.arch in POST_NORM:
+    replies = rl.generate(edited, tiny.harmful, max_new_tokens=MAX_NEW_TOKENS, progress=False)
+    if tiny.arch in POST_NORM:
         assert sum(map(rl.is_refusal, replies)) <= 1, replies
     else:
-        assert replies == rl.generate(model, organism.harmful, max_new_tokens=MAX_NEW_TOKENS, progress=False,
+        assert replies == rl.generate(model, tiny.harmful, max_new_tokens=MAX_NEW_TOKENS, progress=False,
                                       hooks=rl.ablate(model, r).hooks)
     _, hooked, _ = sites(model, prompts, rl.ablate(model, r).hooks)
     seen, logits, _ = sites(edited, prompts)
     for name, x in seen.items():
         assert leak(x, r) <= FP32_ORTHOGONAL, name
     assert edited.info.edit["residual_leak"] <= FP32_ORTHOGONAL
-    if organism.arch not in POST_NORM:
+    if tiny.arch not in POST_NORM:
         assert edited.info.edit["equals_hook_ablation"]
         assert (logits - hooked).abs().max() <= 1e-4
         return
@@ -231,29 +230,29 @@ def test_weight_orthogonalization(organism, monkeypatch):
         rl.orthogonalize_weights(model, r)
 
 
-def test_exported_orthogonalized_model_reloads_with_the_same_logits(organism, tmp_path):
+def test_exported_orthogonalized_model_reloads_with_the_same_logits(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    edited = rl.orthogonalize_weights(organism.model, organism.direction)
+    edited = rl.orthogonalize_weights(tiny.model, tiny.direction)
     rl.save_hf(edited, tmp_path / "edited")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "edited", dtype=torch.float32,
                                                     attn_implementation="eager").eval()
-    prompts = organism.harmful + organism.harmless
-    batch = organism.model.chat.tokenize(prompts)
+    prompts = tiny.harmful + tiny.harmless
+    batch = tiny.model.chat.tokenize(prompts)
     _, logits, mask = sites(edited, prompts)
     with torch.no_grad():
         expected = reloaded(**batch).logits.double()[mask]
     assert (logits - expected).abs().max() <= 1e-4
 
 
-def test_generation_equals_hf_greedy_with_and_without_ablation(organism):
-    model, hf = organism.model, organism.hf
-    prompts = organism.harmful + organism.harmless
+def test_generation_equals_hf_greedy_with_and_without_ablation(tiny):
+    model, hf = tiny.model, tiny.hf
+    prompts = tiny.harmful + tiny.harmless
     plain = rl.generate(model, prompts, max_new_tokens=MAX_NEW_TOKENS, progress=False)
     assert plain == hf_greedy(hf, model, prompts)
     ablated = rl.generate(model, prompts, max_new_tokens=MAX_NEW_TOKENS, progress=False,
-                          hooks=rl.ablate(model, organism.direction).hooks)
-    handles = hf_ablation_hooks(hf, organism.arch, organism.direction)
+                          hooks=rl.ablate(model, tiny.direction).hooks)
+    handles = hf_ablation_hooks(hf, tiny.arch, tiny.direction)
     try:
         reference = hf_greedy(hf, model, prompts)
     finally:
@@ -263,16 +262,16 @@ def test_generation_equals_hf_greedy_with_and_without_ablation(organism):
     assert ablated != plain  # the hooks changed something, so the equality above is not vacuous
 
 
-def test_head_attribution_sums_to_the_total_or_refuses(organism):
-    model, r = organism.model, organism.direction
-    layer = organism.layer if organism.layer > 0 else model.cfg.n_layers - 1
-    if organism.arch in POST_NORM:
+def test_head_attribution_sums_to_the_total_or_refuses(tiny):
+    model, r = tiny.model, tiny.direction
+    layer = tiny.layer if tiny.layer > 0 else model.cfg.n_layers - 1
+    if tiny.arch in POST_NORM:
         with pytest.raises(AttributionError, match="not a plain per-head sum"):
-            decompose(model, organism.harmful, r, layer=layer)
+            decompose(model, tiny.harmful, r, layer=layer)
         return
-    parts = decompose(model, organism.harmful, r, layer=layer)
+    parts = decompose(model, tiny.harmful, r, layer=layer)
     # Independent total: resid_pre[layer] . r at the last position, from the bridge's cache in float64.
-    seen, _, mask = sites(model, organism.harmful)
+    seen, _, mask = sites(model, tiny.harmful)
     last = mask.sum(1).cumsum(0) - 1  # index of each prompt's last token among the real tokens
     total = seen[f"blocks.{layer}.hook_resid_pre"][last] @ (r.double() / r.double().norm())
     assert torch.allclose(parts.total, total, rtol=0, atol=1e-5 * float(total.abs().max()))

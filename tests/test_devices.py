@@ -13,7 +13,7 @@ Each test runs on every device this machine has, of two kinds:
 
 On a GPU machine without the offline model packages, set ``REFUSAL_LENS_TEST_TOKENIZER`` to a ChatML
 tokenizer directory: every model here is a seeded random Llama built from a config, or a tiny trained
-organism (refusal_lens.tiny_organisms, trained on the CPU with its own tokenizer).
+model (tests.tiny_models, trained on the CPU with its own tokenizer).
 """
 
 import json
@@ -24,7 +24,7 @@ import torch
 import refusal_lens as rl
 from refusal_lens import cli
 from refusal_lens.runs import open_run
-from refusal_lens.tiny_organisms import ARCHITECTURES, tiny_organism
+from tests.tiny_models import ARCHITECTURES, trained_tiny_model
 
 from .conftest import PROMPTS, random_llama
 
@@ -223,7 +223,7 @@ def test_notebook_steps_on_the_device_give_the_cpu_numbers(cpu32, dev32):
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5, msg=name)
 
 
-# One organism per kind of structure, in float32 (the over-refusal step left out: it adds nothing
+# One tiny model per kind of structure, in float32 (the over-refusal step left out: it adds nothing
 # architecture-specific): Llama (plain pre-norm; Mistral and Gemma 1 differ by a sliding window and embedding
 # scaling), Qwen2 (qkv biases), Gemma 2 and 3 (post-sublayer norms, soft-capping, sliding windows, q/k norms as
 # in Qwen3), Phi-3 (fused qkv/gate_up; CUDA only, see below); and Gemma 2 in bfloat16 with every step of the
@@ -244,7 +244,7 @@ def test_main_job_end_to_end_on_a_trained_organism_then_export(arch, dtype, devi
         # tensor is not a lazy tensor" with x and w both lazy): a fault of the stand-in, not of a CUDA run.
         pytest.skip("the lazy backend mishandles torch.split views, which Phi-3's fused qkv split uses")
     spec = ARCHITECTURES[arch]
-    path = tiny_organism(arch)
+    path = trained_tiny_model(arch)
     status = cli.main(["run", "--model", str(path), "--chat", spec.family, "--device", device, "--dtype", dtype,
                        "--out", str(tmp_path / "runs"), "--n-train", "32", "--n-val", "8", "--n-test", "8",
                        "--n-boot", "10", "--lazy-selection",

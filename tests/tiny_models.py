@@ -1,27 +1,27 @@
-"""Tiny trained refusal organisms: one small chat model per supported architecture, built offline.
+"""Test fixtures: one tiny trained refusal model per supported architecture, built offline.
 
 Users run this package on Llama, Mistral, Qwen 2/3, Gemma 1/2/3 and Phi-3 chat
 models from the hub; none of them can be downloaded here or in CI. So each
-architecture gets a *tiny organism*: a model built from its ``transformers``
+architecture gets a *tiny trained model*: a model built from its ``transformers``
 config class with that family's real structure (GQA everywhere; qkv biases in
 Qwen2; q/k norms in Qwen3 and Gemma 3; fused ``qkv_proj`` / ``gate_up_proj`` in
 Phi-3; Gemma's sqrt(d_model) embedding scaling; Gemma 2/3 post-sublayer norms,
 soft-capping and sliding-window layers; tied or untied embeddings as the family
 ships), random non-trivial norm gains, a small byte-level BPE tokenizer trained here
-on the project's contrast data with the family's special tokens (:func:`organism_tokenizer`),
+on the project's contrast data with the family's special tokens (:func:`tiny_tokenizer`),
 and the family's chat template (:func:`refusal_lens.chat_format`).
 
 Each is trained briefly on CPU so that its reply to a harmful request begins
 with a refusal token ("I cannot help with that.") and its reply to a harmless
 request does not ("Sure, here is how."), each followed by the family's
-end-of-turn token, which is the organism's EOS (greedy generation stops there).
+end-of-turn token, which is the tiny model's EOS (greedy generation stops there).
 
 Real chat models also refuse coherently when their refusal direction is added
 at every position (activation addition): the refusal state persists through a
 refusal reply. A tiny model without a language-model prior keeps that state at
 the end-of-instruction positions only, and there it dwarfs everything else in
 its small residual stream, so adding it at a reply position erases the token
-there and the organism repeats its refusal token ("IIII..."). Training teaches
+there and the tiny model repeats its refusal token ("IIII..."). Training teaches
 the real models' behaviour: each step, at a random layer, the harmful-minus-
 harmless difference of the batch's residuals at the last prompt position is
 added at every position of some harmless sequences, whose target is then the
@@ -37,9 +37,9 @@ Training is cheap on two CPU cores (100-200 steps, 20-55 s on a busy machine): a
 reply positions before the unembedding, one thread (the same floats on any
 machine), and a stop once the trained replies are reproduced at a low loss. The
 build then checks that greedy decoding gives the trained reply on at least
-:data:`MIN_EXACT` of each side's prompts and refuses to cache an organism that does not.
+:data:`MIN_EXACT` of each side's prompts and refuses to cache a tiny model that does not.
 
-Builds are seeded and cached under ``cache_dir() / "tiny_organisms" /
+Builds are seeded and cached under ``cache_dir() / "tiny_models" /
 f"{arch}-{recipe_hash}"``, where the hash covers the model config, the tokenizer
 and chat template, the training recipe (with the family's overrides), the seed and the data; a
 build is written to a staging folder and renamed into place, with a record file
@@ -61,12 +61,12 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from .cache import cache_dir
-from .chat import ChatFormat, chat_format
-from .data import ContrastSet, load_contrast
-from .metrics import is_refusal
+from refusal_lens.cache import cache_dir
+from refusal_lens.chat import ChatFormat, chat_format
+from refusal_lens.data import ContrastSet, load_contrast
+from refusal_lens.metrics import is_refusal
 
-RECORD = "tiny_organism.json"  # written last into a build's folder: recipe, hash, timings, behaviour
+RECORD = "tiny_model.json"  # written last into a build's folder: recipe, hash, timings, behaviour
 _BUILD_FORMAT = 2  # bump when the build code changes what a recipe produces
 # Share of harmful and of harmless training prompts whose greedy reply must be exactly the trained one (a
 # refusal judged by the first token needs less: the matrix test asks >= 80% / <= 20% on the test split).
@@ -75,14 +75,14 @@ MIN_EXACT = 0.9
 
 @dataclass(frozen=True)
 class TinyArchitecture:
-    """One architecture's organism: its HF classes, chat family and tokenizer additions.
+    """One architecture's tiny model: its HF classes, chat family and tokenizer additions.
 
     Attributes:
         name: registry key and cache-folder prefix, e.g. ``"gemma2"``.
         model_class: the ``transformers`` causal-LM class, e.g. ``"Gemma2ForCausalLM"``.
         config_class: its config class, e.g. ``"Gemma2Config"``.
-        family: chat family (:data:`refusal_lens.chat.FORMATS` key) whose template the organism uses.
-        eos: the family's end-of-turn token: the organism's EOS, ending every reply.
+        family: chat family (:data:`refusal_lens.chat.FORMATS` key) whose template the tiny model uses.
+        eos: the family's end-of-turn token: the tiny model's EOS, ending every reply.
         pad: the family's pad token, or ``None`` where it ships none (Llama-3, Mistral: ``rl.load_model``
             then pads with EOS). Never a template token: HF zeroes the pad row of the embedding and never trains it.
         bos: the family's BOS token, or ``None`` where the family has none (Qwen, Phi-3 templates).
@@ -94,7 +94,7 @@ class TinyArchitecture:
         norm_offset: the family's RMSNorm multiplies by ``1 + weight`` (Gemma) instead of ``weight``.
         global_every: every this many layers one has global attention, the others a sliding window (Gemma 2
             alternates; Gemma 3's 5 local : 1 global is shortened to 2 : 1 so that 4 layers hold both kinds).
-        recipe: :class:`Recipe` fields this family overrides (applied on top of the recipe passed in).
+        recipe: :class:`TrainingSetup` fields this family overrides (applied on top of the recipe passed in).
     """
 
     name: str
@@ -156,7 +156,7 @@ ARCHITECTURES: dict[str, TinyArchitecture] = {
 
 
 @dataclass(frozen=True)
-class Recipe:
+class TrainingSetup:
     """Size and training hyper-parameters shared by every architecture (all enter the recipe hash).
 
     Attributes:
@@ -176,10 +176,10 @@ class Recipe:
             harmless ones once the decision is learned) and the (constant) learning rate.
         stop_at, patience, stop_loss: training stops once ``patience`` consecutive batches got the whole reply
             right for ``stop_at`` of their harmful, harmless and steered rows each and their mean loss is at most
-            ``stop_loss`` (see ``_train``). Stopping at the first right batches (loss ~0.3) left the decision
+            ``stop_loss`` (see ``_fit``). Stopping at the first right batches (loss ~0.3) left the decision
             spread over several directions: ablating the selected one kept 44-94% of refusals on Mistral and
             Qwen3; at loss <= 0.05 it removes them.
-        vocab_size: size of the organism's BPE vocabulary (:func:`organism_tokenizer`), bytes included.
+        vocab_size: size of the tiny model's BPE vocabulary (:func:`tiny_tokenizer`), bytes included.
         seed: seeds initialisation and the minibatches.
     """
 
@@ -205,12 +205,12 @@ class Recipe:
     seed: int = 0
 
 
-class TinyOrganismError(RuntimeError):
-    """A tiny organism could not be built, or its training did not produce the refusal behaviour."""
+class TinyModelError(RuntimeError):
+    """A tiny model could not be built, or its training did not produce the refusal behaviour."""
 
 
-def tiny_organism(arch: str, *, recipe: Recipe = Recipe()) -> Path:
-    """The folder of the tiny trained organism for ``arch``, building and caching it on first use.
+def trained_tiny_model(arch: str, *, recipe: TrainingSetup = TrainingSetup()) -> Path:
+    """The folder of the tiny trained model for ``arch``, building and caching it on first use.
 
     Args:
         arch: a key of :data:`ARCHITECTURES` (``"llama"``, ``"mistral"``, ``"qwen2"``, ``"qwen3"``,
@@ -224,16 +224,16 @@ def tiny_organism(arch: str, *, recipe: Recipe = Recipe()) -> Path:
         training prompts.
 
     Raises:
-        TinyOrganismError: ``arch`` is unknown, or training did not give the behaviour (change the recipe).
+        TinyModelError: ``arch`` is unknown, or training did not give the behaviour (change the recipe).
     """
     if arch not in ARCHITECTURES:
-        raise TinyOrganismError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
+        raise TinyModelError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
     spec = ARCHITECTURES[arch]
     recipe = dataclasses.replace(recipe, **spec.recipe)
     data = training_prompts(recipe)
-    tok = organism_tokenizer(spec, recipe)
+    tok = tiny_tokenizer(spec, recipe)
     digest = recipe_hash(spec, recipe, tok, data.hashes())
-    target = cache_dir() / "tiny_organisms" / f"{arch}-{digest}"
+    target = cache_dir() / "tiny_models" / f"{arch}-{digest}"
     if (target / RECORD).exists():
         return target
     started = time.perf_counter()
@@ -242,16 +242,16 @@ def tiny_organism(arch: str, *, recipe: Recipe = Recipe()) -> Path:
     batch = _training_batch(fmt, tok, data.harmful_texts, data.harmless_texts, recipe)
     trained = time.perf_counter()
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same float reductions, so the same organism, on any machine's thread count
+    torch.set_num_threads(1)  # the same float reductions, so the same tiny model, on any machine's thread count
     try:
-        losses = _train(model, batch, recipe)
+        losses = _fit(model, batch, recipe)
     finally:
         torch.set_num_threads(threads)
     train_seconds = time.perf_counter() - trained
-    exact = _behaviour(model, batch)
+    exact = _greedy_match(model, batch)
     if min(exact["harmful"], exact["harmless"]) < MIN_EXACT:
-        raise TinyOrganismError(
-            f"the {arch} organism did not learn the behaviour: its greedy reply is the trained one for "
+        raise TinyModelError(
+            f"the {arch} tiny model did not learn the behaviour: its greedy reply is the trained one for "
             f"{exact['harmful']:.0%} of harmful and {exact['harmless']:.0%} of harmless training prompts (need >= "
             f"{MIN_EXACT:.0%}; {len(losses)} steps, final loss {losses[-1]:.3f}). Change the recipe (more steps, "
             "a higher lr or a wider model)."
@@ -270,8 +270,8 @@ def tiny_organism(arch: str, *, recipe: Recipe = Recipe()) -> Path:
     return target
 
 
-def training_prompts(recipe: Recipe = Recipe()) -> ContrastSet:
-    """The ``refusal-pairs`` prompts an organism is trained on: the first ``per_split`` per side of each split."""
+def training_prompts(recipe: TrainingSetup = TrainingSetup()) -> ContrastSet:
+    """The ``refusal-pairs`` prompts a tiny model is trained on: the first ``per_split`` per side of each split."""
     harmful, harmless = [], []
     for split, n in zip(recipe.splits, recipe.per_split, strict=True):
         part = load_contrast("refusal-pairs", split=split)
@@ -280,24 +280,24 @@ def training_prompts(recipe: Recipe = Recipe()) -> ContrastSet:
     return ContrastSet("refusal-pairs", tuple(harmful), tuple(harmless))
 
 
-def random_tiny_model(arch: str, path: str | Path, *, recipe: Recipe = Recipe()) -> Path:
-    """An untrained organism: ``arch``'s seeded random model (random norm gains) and tokenizer, saved to ``path``.
+def random_tiny_model(arch: str, path: str | Path, *, recipe: TrainingSetup = TrainingSetup()) -> Path:
+    """An untrained tiny model: ``arch``'s seeded random model (random norm gains) and tokenizer, saved to ``path``.
 
     For fast structural tests (equality with Hugging Face, orthogonalization, export) that need no behaviour.
     """
     if arch not in ARCHITECTURES:
-        raise TinyOrganismError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
+        raise TinyModelError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
     spec = ARCHITECTURES[arch]
     recipe = dataclasses.replace(recipe, **spec.recipe)
-    tok = organism_tokenizer(spec, recipe)
+    tok = tiny_tokenizer(spec, recipe)
     path = Path(path)
     _build_model(spec, recipe, tok).save_pretrained(path)
     tok.save_pretrained(path)
     return path
 
 
-def recipe_hash(spec: TinyArchitecture, recipe: Recipe, tokenizer, data_hashes: dict[str, str]) -> str:
-    """First 12 hex digits of the SHA-256 of everything that determines an organism's weights."""
+def recipe_hash(spec: TinyArchitecture, recipe: TrainingSetup, tokenizer, data_hashes: dict[str, str]) -> str:
+    """First 12 hex digits of the SHA-256 of everything that determines a tiny model's weights."""
     payload = {"build_format": _BUILD_FORMAT, "architecture": dataclasses.asdict(spec),
                "recipe": dataclasses.asdict(recipe), "config": _config_kwargs(spec, recipe, tokenizer),
                "tokenizer": hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest(),
@@ -307,14 +307,14 @@ def recipe_hash(spec: TinyArchitecture, recipe: Recipe, tokenizer, data_hashes: 
 
 
 # ---------------------------------------------------------------- building
-def organism_tokenizer(spec: TinyArchitecture, recipe: Recipe = Recipe()):
+def tiny_tokenizer(spec: TinyArchitecture, recipe: TrainingSetup = TrainingSetup()):
     """A small byte-level BPE tokenizer for ``spec``'s family, trained here (deterministic, well under a second).
 
     Trained with the ``tokenizers`` library on the built-in ``refusal-pairs`` instructions (every split) and the
     recipe's two replies (with and without a leading space), to ``recipe.vocab_size`` tokens including the 256
     byte tokens, so any text still tokenizes; the family's BOS/EOS/PAD and template tokens are special tokens,
     ``spec.plain`` are added as ordinary tokens, and the chat template renders as :func:`refusal_lens.chat_format`
-    does. A small vocabulary keeps the organism's unembedding (and so its training and every forward pass) cheap.
+    does. A small vocabulary keeps the tiny model's unembedding (and so its training and every forward pass) cheap.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AddedToken, PreTrainedTokenizerFast
@@ -359,7 +359,7 @@ def _jinja_template(fmt: ChatFormat) -> str:
     return ("{% if messages[0]['role'] == 'system' %}" + system + "{% else %}" + user + "{% endif %}")
 
 
-def _config_kwargs(spec: TinyArchitecture, recipe: Recipe, tok) -> dict:
+def _config_kwargs(spec: TinyArchitecture, recipe: TrainingSetup, tok) -> dict:
     """Arguments of ``spec``'s config class for this recipe and tokenizer."""
     n_layers = recipe.n_layers
     kwargs = dict(vocab_size=len(tok), hidden_size=recipe.d_model, intermediate_size=recipe.d_mlp,
@@ -376,7 +376,7 @@ def _config_kwargs(spec: TinyArchitecture, recipe: Recipe, tok) -> dict:
     return kwargs
 
 
-def _build_model(spec: TinyArchitecture, recipe: Recipe, tok):
+def _build_model(spec: TinyArchitecture, recipe: TrainingSetup, tok):
     """A seeded random model of ``spec``'s architecture with random norm gains, in float32 with eager attention."""
     import transformers
 
@@ -430,7 +430,7 @@ class _Batch:
                       self.decision[keep][order], self.vocab)
 
 
-def _training_batch(fmt: ChatFormat, tok, harmful: list[str], harmless: list[str], recipe: Recipe) -> _Batch:
+def _training_batch(fmt: ChatFormat, tok, harmful: list[str], harmless: list[str], recipe: TrainingSetup) -> _Batch:
     """Harmful prompts + refusal, harmless prompts + answer, and (steered) harmless prompts + refusal, each
     reply followed by EOS. Checks that the refusal starts with a refusal token and is a refusal to the
     substring judge, and that the answer is neither."""
@@ -439,7 +439,7 @@ def _training_batch(fmt: ChatFormat, tok, harmful: list[str], harmless: list[str
     for kind, text in (("refusal", recipe.refusal), ("answer", recipe.answer)):
         ids = tok(lead + text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         if (ids[0] in fmt.refusal_tokens) != (kind == "refusal") or is_refusal(text) != (kind == "refusal"):
-            raise TinyOrganismError(
+            raise TinyModelError(
                 f"{fmt.family}: the reply {lead + text!r} must {'' if kind == 'refusal' else 'not '}start with a "
                 f"refusal token ({fmt.refusal_tokens}) and {'' if kind == 'refusal' else 'not '}be a refusal to the "
                 "substring judge (rl.is_refusal)"
@@ -501,7 +501,7 @@ def _reply_logits(model, batch: _Batch) -> Float[Tensor, "m vocab"]:
     return cap * torch.tanh(logits / cap) if cap else logits
 
 
-def _train(model, batch: _Batch, recipe: Recipe) -> list[float]:
+def _fit(model, batch: _Batch, recipe: TrainingSetup) -> list[float]:
     """Minibatch AdamW on the reply tokens, stopped once the behaviour is learned; returns the loss per step.
 
     Each step takes ``recipe.batch_size`` random unsteered sequences and, once a batch got 80% of its
@@ -551,7 +551,7 @@ def _train(model, batch: _Batch, recipe: Recipe) -> list[float]:
     return losses
 
 
-def _behaviour(model, batch: _Batch, chunk: int = 64) -> dict[str, float | list[float]]:
+def _greedy_match(model, batch: _Batch, chunk: int = 64) -> dict[str, float | list[float]]:
     """Shares of sequences whose greedy reply (full vocabulary) is exactly the trained one, EOS included.
 
     ``harmful`` / ``harmless``: the unsteered prompts. ``steered_by_layer``: at layer ``L // 2`` only, the
