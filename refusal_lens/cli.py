@@ -1,8 +1,9 @@
 """Command line: ``refusal-lens`` / ``python -m refusal_lens``.
 
 Subcommands:
-    run      the whole pipeline on one model (extraction, statistics, selection,
-             interventions), writing ``runs/<model>/`` with a report and a manifest
+    run           the main job on one model (extraction, statistics, selection, interventions), writing
+                  ``runs/<model>/`` with a report and a manifest; its options are ``RunConfig``'s fields
+    over-refusal  the over-refusal study against that run's direction; options: ``OverRefusalConfig``'s fields
     models   list the models that load offline
     organism train | eval   rebuild the refusal organism's adapter / rerun its behaviour report
 """
@@ -12,7 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+from .options import add_options, from_args, option
 
 DEFAULT_MODEL = "smollm2-135m-refusal"
 # A harmless prompt: its full completion may be shown.
@@ -56,51 +60,63 @@ def summarize(model, load_seconds: float) -> dict:
     }
 
 
-def _pick(text: str) -> tuple[int, int]:
-    try:
-        pos, layer = (int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--pick takes POSITION,LAYER (e.g. -1,16), got {text!r}") from None
-    return pos, layer
+@dataclass(frozen=True)
+class ModelOptions:
+    """How ``refusal-lens run`` and ``over-refusal`` load the model (:func:`refusal_lens.load_model`)."""
+
+    model: str = option(DEFAULT_MODEL, "offline name, hub id or local directory")
+    chat: str | None = option(None, "chat-format family (e.g. llama3, gemma2, mistral; none: detected)")
+    device: str | None = option(None, "cpu, cuda, ... (none: cuda when available)")
+    dtype: str | None = option(None, "float32, bfloat16, float16 (none: float32 on CPU)")
+    trust_remote_code: bool = option(False, "run the checkpoint's own modelling code (hub models that need it)")
+    out: str = option("runs", "parent folder of the run folder runs/<model>/")
 
 
-def _kl_max(text: str) -> float | str:
-    return text if text.startswith("null:") else float(text)
-
-
-def _cmd_run(args: argparse.Namespace) -> int:
+def _load(options: ModelOptions):
+    """The model, its printed one-line summary, and its run folder (``summary.json`` written there)."""
     import transformer_lens.model_bridge  # noqa: F401  (imported first so load_seconds excludes imports)
 
     from .models import load_model
-    from .pipeline import RunConfig, run
-    from .report import summary_lines
     from .runs import run_slug
-    from .selection import SelectionError
 
     started = time.perf_counter()
-    model = load_model(args.model, device=args.device, dtype=args.dtype, chat=args.chat,
-                       trust_remote_code=args.trust_remote_code)
+    model = load_model(options.model, device=options.device, dtype=options.dtype, chat=options.chat,
+                       trust_remote_code=options.trust_remote_code)
     summary = summarize(model, time.perf_counter() - started)
-    out = Path(args.out) / run_slug(args.model)
+    out = Path(options.out) / run_slug(options.model)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"{summary['model']}: {summary['family']} chat format, {summary['n_layers']} layers, "
           f"d_model {summary['d_model']}, loaded in {summary['load_seconds']} s")
-    config = RunConfig(
-        harmful=args.harmful, harmless=args.harmless, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
-        n_boot=args.n_boot, judge=args.judge, filter_by_refusal=not args.no_filter, kl_max=args.kl_max,
-        fallback=args.fallback, max_new_tokens=args.max_new_tokens, full_selection_table=not args.lazy_selection,
-        capability_tasks=tuple(t for t in args.capability_tasks.split(",") if t),
-        capability_limit=args.capability_limit, static_figures=not args.html_only, direction=args.direction,
-        direction_layer=args.layer, pick=args.pick, over_refusal=not args.no_over_refusal)
+    return model, out
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .pipeline import RunConfig, run
+    from .report import summary_lines
+    from .selection import SelectionError
+
+    config = from_args(RunConfig, args)  # checked before the model loads
+    model, out = _load(from_args(ModelOptions, args))
     try:
         report = run(model, out, config)
-    except SelectionError:
-        report = json.loads((out / "report.json").read_text())
-        print("\n".join(["", *summary_lines(report), "", f"selection stopped; wrote {out}/ (report.json, "
-                                                         "selection.csv, figures/)"]))
+    except SelectionError as error:
+        print("\n".join(["", *summary_lines(error.report), "", f"selection stopped; wrote {out}/ (report.json, "
+                                                               "selection.csv, figures/)"]))
         return 2
     print("\n".join(["", *summary_lines(report), "", f"wrote {out}/ (report.json, manifest.json, tables, figures/)"]))
+    return 0
+
+
+def _cmd_over_refusal(args: argparse.Namespace) -> int:
+    from .over_refusal import OverRefusalConfig
+    from .pipeline import run_over_refusal
+    from .report import over_refusal_lines
+
+    config = from_args(OverRefusalConfig, args)
+    model, out = _load(from_args(ModelOptions, args))
+    report = run_over_refusal(model, out, config)
+    print("\n".join(["", *over_refusal_lines(report), "", f"wrote {out}/over_refusal.json"]))
     return 0
 
 
@@ -141,57 +157,20 @@ def _cmd_organism(args: argparse.Namespace) -> int:
 def _add_run_parser(sub) -> None:
     from .pipeline import RunConfig
 
-    run = sub.add_parser("run", help="run the pipeline on one model")
-    defaults = RunConfig()
-    add = run.add_argument
-    add("--model", default=DEFAULT_MODEL, help=f"offline name, hub id or local directory (default {DEFAULT_MODEL})")
-    add("--chat", default=None, help="chat-format family (e.g. llama3, gemma2, mistral); default: detected")
-    add("--out", default="runs", help="parent folder of the run directory (default runs/)")
-    add("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
-    add("--dtype", default=None, help="float32, bfloat16, float16 (default: float32 on CPU)")
-    add("--trust-remote-code", action="store_true", help="for hub models that need it (Qwen-1)")
-    add("--harmful", default=defaults.harmful,
-        help="harmful prompts in the paper's JSON format: a folder with train/val/test files, or files "
-             "(comma-separated) to pool and split (default: the built-in refusal-pairs set)")
-    add("--harmless", default=defaults.harmless, help="harmless prompts, as --harmful")
-    add("--n-train", type=int, default=defaults.n_train, help="train prompts per side (default: all; the paper: 128)")
-    add("--n-val", type=int, default=defaults.n_val,
-        help=f"validation prompts per side (default {defaults.n_val}; the paper: 32)")
-    add("--n-test", type=int, default=defaults.n_test, help="test prompts per side (default: whole test split)")
-    add("--no-filter", action="store_true",
-        help="keep every train/val prompt (default: the paper's filter by refusal-score sign; needed for models "
-             "that do not refuse, e.g. base models)")
-    add("--kl-max", type=_kl_max, default=defaults.kl_max,
-        help="selection's KL filter in nats (default the paper's 0.1), or null:Q for the Q-quantile of random "
-             "directions' KL, fixed before any candidate is scored (e.g. null:0.5)")
-    add("--fallback", choices=["lowest-kl"], default=defaults.fallback,
-        help="when no candidate passes: lowest-kl takes the lowest-KL candidate with bypass < 0 and induce >= 0 "
-             "(default: stop, as the paper's code)")
-    add("--pick", type=_pick, default=defaults.pick, metavar="POS,LAYER",
-        help="use this candidate of the run's own directions instead of selecting one (write --pick=-1,16: a "
-             "value that starts with '-' needs the '=')")
-    add("--direction", default=defaults.direction, metavar="FILE",
-        help="a direction computed elsewhere (.pt/.safetensors/.npy, e.g. a run's direction.safetensors): skip "
-             "extraction and selection; needs --layer")
-    add("--layer", type=int, default=defaults.direction_layer, help="with --direction: the layer to add it at")
-    add("--max-new-tokens", type=int, default=defaults.max_new_tokens,
-        help=f"reply length for refusal verdicts (default {defaults.max_new_tokens}; the paper: 512)")
-    add("--n-boot", type=int, default=defaults.n_boot, help="bootstrap resamples")
-    add("--lazy-selection", action="store_true",
-        help="score only what the pick needs (same pick, faster; the selection figure shows fewer points)")
-    add("--judge", default=defaults.judge,
-        help="also judge replies for compliance/coherence: local:<model spec>, openai or openai:<model> "
-             "(REFUSAL_LENS_JUDGE_BASE_URL, REFUSAL_LENS_JUDGE_MODEL, OPENAI_API_KEY); default: skipped")
-    add("--capability-tasks", default=",".join(defaults.capability_tasks),
-        help="comma-separated lm-eval tasks for the baseline/ablated/orthogonalized capability table (standard "
-             "tasks such as arc_easy,boolq,piqa,truthfulqa_mc1 need hub access; '' skips it)")
-    add("--capability-limit", type=int, default=defaults.capability_limit,
-        help="documents per capability task (default all)")
-    add("--html-only", action="store_true", help="write figures as HTML only (no PNG export)")
-    add("--no-over-refusal", action="store_true",
-        help="skip the over-refusal step (look-risky refusal on val; above 10%%, a false-refusal vector is selected "
-             "and tested and saved as false_refusal.safetensors)")
+    run = sub.add_parser("run", help="the main job on one model: directions, selection, interventions")
+    add_options(run.add_argument_group("model"), ModelOptions)
+    add_options(run.add_argument_group("run (RunConfig)"), RunConfig)
     run.set_defaults(func=_cmd_run)
+
+
+def _add_over_refusal_parser(sub) -> None:
+    from .over_refusal import OverRefusalConfig
+
+    over = sub.add_parser("over-refusal", help="the over-refusal study against a run's refusal direction (reads "
+                                                "runs/<model>/direction.safetensors; writes over_refusal.json)")
+    add_options(over.add_argument_group("model"), ModelOptions)
+    add_options(over.add_argument_group("over-refusal (OverRefusalConfig)"), OverRefusalConfig)
+    over.set_defaults(func=_cmd_over_refusal)
 
 
 def _add_organism_parser(sub) -> None:
@@ -213,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="refusal-lens", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run_parser(sub)
+    _add_over_refusal_parser(sub)
     sub.add_parser("models", help="list the models that load offline").set_defaults(func=_cmd_models)
     _add_organism_parser(sub)
     return parser

@@ -73,6 +73,7 @@ from .generation import generate
 from .interventions import ablate
 from .metrics import is_refusal, kl_divergence, last_token_logits, refusal_log_odds, refusal_score, safe_excerpt
 from .models import Model
+from .options import comma_separated, option
 from .selection import check_kl_max, resolve_kl_max
 from .stats import wilson_ci
 from .streaming import mean_activations
@@ -650,37 +651,46 @@ def compare_methods(table: pd.DataFrame, *, harmful_floor: float) -> pd.DataFram
     return pd.DataFrame(rows)
 
 
-# ------------------------------------------------------------------ main-job stage
+# ------------------------------------------------------------------ the study's run step
+def _kl_max_text(text: str) -> float | str:
+    return text if text.startswith("null:") else float(text)
+
+
+def _none_or_text(text: str) -> str | None:
+    return None if text.lower() == "none" else text
+
+
 @dataclass(frozen=True)
 class OverRefusalConfig:
-    """Settings of :func:`over_refusal_stage`; the defaults are the main job's (``refusal-lens run``).
+    """Settings of :func:`over_refusal_stage`; each field is also a ``refusal-lens over-refusal`` option.
 
-    ``threshold``: the look-risky val refusal rate above which the stage selects and tests a vector.
-    ``n_train``/``n_val``/``n_test``: prompts per set (``None``: whole split). Selection (:func:`select_false_refusal`)
-    at ``positions`` (``None``: every end-of-instruction position) and ``layers`` (``None``: all), ``lambdas``,
-    ``keep_harmful``, ``kl_max``, ``fallback``; ``holdout`` also evaluates the pick on the ``holdout`` split;
-    ``filter_train`` keeps the look-risky train prompts the model
-    refuses and the harmless ones it answers. The main job's defaults (last position, λ = 1, KL at the null's
-    median, lowest-KL fallback) are those of the selection reported in the README (issue 23); the paper's rule
-    alone (no fallback) picks nothing on the organism.
+    The defaults (last position, λ = 1, KL at the null's median, lowest-KL fallback) are the pre-registered
+    study's; the paper's rule alone (no fallback) is ``--fallback none --kl-max 0.2``.
     """
 
-    threshold: float = OVER_REFUSAL_THRESHOLD
-    n_train: int | None = None
-    n_val: int | None = None
-    n_test: int | None = None
-    positions: tuple[int, ...] | None = (-1,)
-    layers: tuple[int, ...] | None = None
-    lambdas: tuple[float, ...] = (PAPER_LAMBDA,)
-    keep_harmful: float = KEEP_HARMFUL
-    kl_max: float | str = "null:0.5"
-    fallback: str | None = "lowest-kl"
-    filter_train: bool = True
-    n_null: int = 16
-    max_new_tokens: int = 48
-    seed: int = 0
-    holdout: bool = True  # also evaluate on the held-out split (the pre-registered judge; README)
-    batch_size: int = 64  # generation is most of the cost; on CPU a batch of 64 takes far less than two of 32
+    threshold: float = option(OVER_REFUSAL_THRESHOLD,
+                              "look-risky val refusal rate above which a false-refusal vector is selected and tested")
+    n_train: int | None = option(None, "train prompts per set (none: the whole split)")
+    n_val: int | None = option(None, "val prompts per set (none: the whole split)")
+    n_test: int | None = option(None, "test prompts per set (none: the whole split)")
+    positions: tuple[int, ...] | None = option((-1,), "end-of-instruction positions of the candidates",
+                                               parse=comma_separated(int), metavar="P,...")
+    layers: tuple[int, ...] | None = option(None, "layers of the candidates (none: all)", parse=comma_separated(int),
+                                            metavar="L,...")
+    lambdas: tuple[float, ...] = option((PAPER_LAMBDA,), "shares λ of the refusal component removed, tried at the "
+                                        "chosen site", parse=comma_separated(float), metavar="λ,...")
+    keep_harmful: float = option(KEEP_HARMFUL, "share of the harmful val refusals a candidate must keep")
+    kl_max: float | str = option("null:0.5", "KL filter in nats, or null:Q for that quantile of random directions' KL",
+                                 parse=_kl_max_text)
+    fallback: str | None = option("lowest-kl", "when nothing passes: lowest-kl, or none to stop as the paper",
+                                  parse=_none_or_text)
+    filter_train: bool = option(True, "keep the look-risky train prompts the model refuses and the harmless ones "
+                                "it answers")
+    n_null: int = option(16, "random directions for the KL null")
+    max_new_tokens: int = option(48, "reply length for refusal verdicts")
+    seed: int = option(0, "seed of the KL null")
+    holdout: bool = option(True, "also evaluate on the held-out split written after the rule was fixed")
+    batch_size: int = option(64, "prompts per forward pass (generation is most of the cost)")
 
 
 def over_refusal_stage(

@@ -1,25 +1,24 @@
-"""The end-to-end run behind ``refusal-lens run``: a row of named steps, each writing into the run folder.
+"""The main job behind ``refusal-lens run``: a flat row of named steps, each a function that returns a typed result.
 
-``filter`` -> ``extraction`` -> ``statistics`` -> ``selection`` -> ``interventions`` -> ``over_refusal`` ->
-``figures`` (with timings per step in ``report.json``). Data use: directions from the ``train`` split, selection on the
-``val`` split, every reported number on the held-out ``test`` split, of the built-in ``refusal-pairs`` set or
-of files in the paper's format (``rl.load_splits``). As in the paper's pipeline (``filter_train`` /
-``filter_val``), train and val keep only the harmful prompts the model refuses and the harmless ones it
-answers, by the sign of the refusal score; the test split is never filtered. Selection follows the paper's
-rule unless the config names a deviation (``kl_max="null:q"``, ``fallback="lowest-kl"``); when nothing
-passes, the run writes what it has and stops, as the paper's code does. A direction from elsewhere
-(``direction=``) or a chosen candidate (``pick=``) skips selection. The folder layout is
-:mod:`refusal_lens.runs`'; the intervention stage is :func:`refusal_lens.effects.intervention_effects`; the
-printed summary is :func:`refusal_lens.report.summary_lines`. The ``over_refusal`` step
-(:func:`refusal_lens.over_refusal.over_refusal_stage`, skipped with ``over_refusal=False`` / ``--no-over-refusal``)
-measures the model's refusal of look-risky harmless val requests and, above a threshold, selects a false-refusal
-vector and tests its ablation (``report["over_refusal"]``, ``false_refusal.safetensors``). Replies to harmful
-prompts are stored only as verdicts (and at most 60 characters in examples).
+``load_data`` -> ``extract`` -> ``measure_statistics`` -> ``choose_direction`` -> ``measure_interventions`` ->
+``finish``; :func:`run` is that row, and the report is built from the steps' results in one place
+(:func:`build_report`). Data use: directions from the ``train`` split, selection on the ``val`` split, every
+reported number on the held-out ``test`` split, of the built-in ``refusal-pairs`` set or of files in the paper's
+format (``rl.load_splits``). As in the paper's pipeline (``filter_train`` / ``filter_val``), train and val keep
+only the harmful prompts the model refuses and the harmless ones it answers, by the sign of the refusal score; the
+test split is never filtered. Selection follows the paper's rule unless the config names a deviation
+(``kl_max="null:q"``, ``fallback="lowest-kl"``); when nothing passes, the run writes what it has and raises
+:class:`~refusal_lens.selection.SelectionError` carrying the report, as the paper's code stops there. A direction
+from elsewhere (``direction=``) or a chosen candidate (``pick=``) skips selection.
+
+The over-refusal study is its own command (``refusal-lens over-refusal``, :func:`run_over_refusal`): it reads the
+run's direction and writes ``over_refusal.json`` beside ``report.json``. Replies to harmful prompts are stored only
+as verdicts (and at most 60 characters in examples).
 """
 
 from __future__ import annotations
 
-import json
+import argparse
 import time
 import warnings
 from collections.abc import Callable
@@ -33,270 +32,410 @@ from torch import Tensor
 from . import plots, stats
 from .data import ContrastSet, load_splits
 from .directions import Directions, diff_in_means, load_direction
-from .effects import alpha_sweep, intervention_effects
-from .manifest import file_sha256, write_manifest
+from .effects import InterventionEffects, alpha_sweep, intervention_effects
+from .manifest import file_sha256
 from .models import Model
+from .options import comma_separated, option
 from .over_refusal import OverRefusalConfig, over_refusal_stage
 from .runs import RunFolder
-from .selection import SelectionError, random_direction_kl, select_direction
+from .selection import (
+    FALLBACKS,
+    Selection,
+    SelectionError,
+    check_kl_max,
+    null_summary,
+    random_direction_kl,
+    select_direction,
+)
+
+
+def _kl_max(text: str) -> float | str:
+    return text if text.startswith("null:") else float(text)
+
+
+def _pick(text: str) -> tuple[int, int]:
+    try:
+        pos, layer = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--pick takes POSITION,LAYER (e.g. -1,16), got {text!r}") from None
+    return pos, layer
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Data, sizes, rules and seeds of a run; the defaults are the paper's rules at sizes that finish in
-    about 10 minutes on 2 CPU cores for the organism (the paper: 128 train, 32 val, 512 new tokens)."""
+    """Data, sizes, rules and seeds of a run; each field is also a ``refusal-lens run`` option (:mod:`.options`).
 
-    harmful: str | None = (
-        None  # files or a folder in the refusal_direction format (rl.load_splits); None: refusal-pairs
-    )
-    harmless: str | None = None
-    n_train: int | None = None  # train prompts per side (None: the whole split)
-    n_val: int = 24  # validation prompts per side for selection (the paper-size 32 adds ~2 min on 2 CPU cores)
-    n_test: int | None = None  # test prompts per side for behaviour (None: the whole test split)
-    filter_by_refusal: bool = (
-        True  # the paper's train/val filter by refusal-score sign; False for models that do not refuse
-    )
-    kl_max: float | str = 0.1  # the selection's KL filter: nats, or "null:q" (rl.select_direction)
-    fallback: str | None = None  # None: stop when nothing passes (the paper); "lowest-kl" (rl.select_direction)
-    max_new_tokens: int = 48  # the paper: 512 (a GPU recipe); 48 keeps CPU runs short
-    n_boot: int = 1000
-    full_selection_table: bool = True  # score every candidate for the selection figure; False: only what the pick needs
-    seed: int = 0
-    batch_size: int = 32
-    alphas: tuple[float, ...] = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5)  # ablation strengths to sweep
-    n_alpha: int = 32  # harmful test prompts per alpha (refusal score only)
-    n_padding_check: int = 8  # prompts for the batched-vs-sequential check
-    n_null_directions: int = 16  # random directions whose ablation KL is the null for the KL filter
-    judge: str | None = None  # "openai", "openai:<model>" or "local:<model spec>" (rl.judge.get_judge); None: skipped
-    capability_tasks: tuple[str, ...] = ("refusal_lens_mc",)  # lm-eval tasks; standard ones need hub access
-    capability_limit: int | None = None  # documents per task (None: all)
-    static_figures: bool = True  # also export PNGs (kaleido + Chromium); False: HTML only
-    direction: str | None = None  # a direction file (rl.load_direction formats): skip extraction and selection
-    direction_layer: int | None = None  # the layer whose resid_pre gets ``direction`` added (needed with it)
-    pick: tuple[int, int] | None = None  # (position, layer) among the run's own candidates: skip selection
-    over_refusal: bool = True  # the over-refusal step (issue 23); False (--no-over-refusal) skips it
-    over_refusal_settings: OverRefusalConfig | None = None  # None: its defaults with this run's n_test, tokens, seed
+    The defaults are the paper's rules at sizes for a CPU run on the organism; the paper's own sizes are
+    128 train and 32 val prompts per side and 512 new tokens (a GPU run: see the GPU guide).
+    """
+
+    harmful: str | None = option(
+        None, "harmful prompts in the paper's JSON format: a folder with train/val/test files, or files "
+        "(comma-separated) to pool and split (none: the built-in refusal-pairs set)", metavar="PATH")
+    harmless: str | None = option(None, "harmless prompts, as --harmful", metavar="PATH")
+    n_train: int | None = option(None, "train prompts per side (none: the whole split; the paper: 128)")
+    n_val: int = option(24, "validation prompts per side for selection (the paper: 32)")
+    n_test: int | None = option(None, "test prompts per side (none: the whole test split)")
+    filter_by_refusal: bool = option(
+        True, "the paper's train/val filter by refusal-score sign; --no-filter-by-refusal for models that do not "
+        "refuse, e.g. base models", off_alias="--no-filter")
+    kl_max: float | str = option(
+        0.1, "selection's KL filter in nats (the paper's 0.1), or null:Q for the Q-quantile of random directions' "
+        "KL, fixed before any candidate is scored (e.g. null:0.5)", parse=_kl_max)
+    fallback: str | None = option(
+        None, "when no candidate passes: lowest-kl takes the lowest-KL candidate with bypass < 0 and induce >= 0 "
+        "(none: stop, as the paper's code)", parse=str, metavar="lowest-kl")
+    max_new_tokens: int = option(48, "reply length for refusal verdicts (the paper: 512)")
+    n_boot: int = option(1000, "bootstrap resamples (Cohen's d intervals, the selection's win rate)")
+    full_selection_table: bool = option(
+        True, "score every candidate for the selection figure; --no-full-selection-table scores only what the "
+        "pick needs (same pick)", off_alias="--lazy-selection")
+    seed: int = option(0, "seed of every random choice (data splits, null directions, bootstrap)")
+    batch_size: int = option(32, "prompts per forward pass")
+    alphas: tuple[float, ...] = option(
+        (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5), "ablation strengths α of the sweep",
+        parse=comma_separated(float), metavar="A,B,...")
+    n_alpha: int = option(32, "harmful test prompts per α of the sweep (refusal score only)")
+    n_padding_check: int = option(8, "prompts for the batched-vs-sequential check")
+    n_null_directions: int = option(16, "random directions whose ablation KL is the null for the KL filter")
+    judge: str | None = option(
+        None, "also judge replies for compliance/coherence: local:<model spec>, openai or openai:<model> "
+        "(REFUSAL_LENS_JUDGE_BASE_URL, REFUSAL_LENS_JUDGE_MODEL, OPENAI_API_KEY; none: skipped)")
+    capability_tasks: tuple[str, ...] = option(
+        ("refusal_lens_mc",), "comma-separated lm-eval tasks for the baseline/ablated/orthogonalized capability "
+        "table (standard ones such as arc_easy need hub access; '' skips it)", parse=comma_separated(str),
+        metavar="TASK,...")
+    capability_limit: int | None = option(None, "documents per capability task (none: all)")
+    static_figures: bool = option(True, "also export PNG figures (kaleido + Chromium); --no-static-figures: HTML only",
+                                  off_alias="--html-only")
+    direction: str | None = option(
+        None, "a direction computed elsewhere (.pt/.safetensors/.npy, e.g. a run's direction.safetensors): skip "
+        "extraction and selection; needs --direction-layer", metavar="FILE")
+    direction_layer: int | None = option(None, "with --direction: the layer to add it at", aliases=("--layer",))
+    pick: tuple[int, int] | None = option(
+        None, "use this candidate of the run's own directions instead of selecting one (write --pick=-1,16: a value "
+        "that starts with '-' needs the '=')", parse=_pick, metavar="POS,LAYER")
+
+    def __post_init__(self) -> None:
+        """Clear errors before any model is loaded."""
+        check_kl_max(self.kl_max)
+        if self.fallback is not None and self.fallback not in FALLBACKS:
+            raise ValueError(f"unknown fallback {self.fallback!r}; choose none (the paper's: stop) or one of "
+                             f"{FALLBACKS}")
+        if self.direction is not None and self.direction_layer is None:
+            raise ValueError("an external direction needs the layer to add it at: pass direction_layer "
+                             "(--direction-layer)")
+        if self.direction is not None and self.pick is not None:
+            raise ValueError("pass either an external direction (--direction) or a candidate (--pick), not both")
 
 
 MIN_KEPT_SHARE = 0.5  # the filter may drop at most half of a side before the run refuses to go on
 
 
+class StepClock:
+    """Seconds per step since the previous one, logged as each step ends."""
+
+    def __init__(self, log: Callable[[str], object]):
+        self.log, self.started, self.seconds = log, time.perf_counter(), {}
+
+    def done(self, step: str) -> None:
+        elapsed = time.perf_counter() - self.started
+        self.seconds[step] = round(elapsed - sum(self.seconds.values()), 1)
+        self.log(f"[{elapsed:6.0f} s] {step} done")
+
+
+# ------------------------------------------------------------------ step results
 @dataclass
-class _Run:
-    """What the steps of one run share: the model, the config, the folder, the report and figures so far."""
+class RunData:
+    """The run's prompts: train/val/test splits (train and val filtered by refusal), and the counts before."""
 
-    model: Model
-    config: RunConfig
-    folder: RunFolder
-    log: Callable[[str], object]
-    report: dict
-    figures: dict
-    started: float
-    timings: dict
+    splits: dict[str, ContrastSet]
+    unfiltered: dict[str, tuple[int, int]]
+    n_val: int
+    n_test: int | None
 
-    def step(self, name: str) -> None:
-        """Record a step's duration and say that it is done."""
-        self.timings[name] = round(time.perf_counter() - self.started - sum(self.timings.values()), 1)
-        self.log(f"[{time.perf_counter() - self.started:6.0f} s] {name} done")
+    @property
+    def harmful_val(self) -> list[str]:
+        return self.splits["val"].harmful_texts[: self.n_val]
+
+    @property
+    def harmless_val(self) -> list[str]:
+        return self.splits["val"].harmless_texts[: self.n_val]
+
+    @property
+    def harmful_test(self) -> list[str]:
+        return self.splits["test"].harmful_texts[: self.n_test]
+
+    @property
+    def harmless_test(self) -> list[str]:
+        return self.splits["test"].harmless_texts[: self.n_test]
+
+    def report(self) -> dict:
+        return {name: {"n_harmful": len(s.harmful), "n_harmless": len(s.harmless), **s.hashes(),
+                       "before_filter": {"n_harmful": self.unfiltered[name][0], "n_harmless": self.unfiltered[name][1]}}
+                for name, s in self.splits.items()}
 
 
-def run(model: Model, out: str | Path, config: RunConfig = RunConfig(), log: Callable[[str], object] = print) -> dict:
-    """Run the pipeline on a loaded model and write its outputs to the folder ``out``; returns the report.
+@dataclass
+class Statistics:
+    """Held-out Cohen's d, cross-layer cosines (position -1), batched vs sequential and split-half stability."""
 
-    Raises :class:`~refusal_lens.selection.SelectionError` after writing the report, the tables and the
-    manifest when no candidate passes the selection rule (the paper's code stops there too).
+    separability: pd.DataFrame
+    cosines: pd.DataFrame
+    padding: pd.DataFrame
+    stability: pd.DataFrame
+
+    def peak(self) -> dict:
+        """The candidate with the largest Cohen's d, with its bootstrap interval."""
+        peak = self.separability[self.separability.valid].sort_values("d", ascending=False).iloc[0]
+        return {"pos": int(peak.pos), "layer": int(peak.layer), "d": round(float(peak.d), 3),
+                "ci": [round(float(peak.ci_low), 3), round(float(peak.ci_high), 3)]}
+
+    def at(self, pos: int, layer: int) -> dict:
+        """Cohen's d and the split-half cosine of one candidate."""
+        def at(table: pd.DataFrame) -> pd.DataFrame:
+            return table[(table.pos == pos) & (table.layer == layer)]
+        return {"cohens_d_selected": round(float(at(self.separability).d.iloc[0]), 3),
+                "split_half_cosine_selected": round(float(at(self.stability).cosine.iloc[0]), 4)}
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        return {"cohens_d": self.separability, "layer_cosines_pos-1": self.cosines,
+                "batched_vs_sequential": self.padding, "split_half": self.stability}
+
+    def figures(self) -> dict:
+        return {"cohens_d": plots.cohens_d(self.separability), "layer_cosines": plots.cosine_heatmap(self.cosines),
+                "batched_vs_sequential": plots.batched_vs_sequential(self.padding)}
+
+
+@dataclass
+class Choice:
+    """The direction the run intervenes with, and how it was chosen.
+
+    Attributes:
+        vector: the raw vector ``[d_model]`` (difference in means, or as given): added at ``layer``, its unit
+            direction ablated everywhere; ``None`` when selection picked nothing.
+        layer, position: where it comes from (``position`` is ``None`` for a given direction).
+        selected: the report's ``selected`` entry (``None`` when nothing passed).
+        null_kl: mean KL of ablating each random unit direction on the harmless val prompts.
+        selection: the full selection result when the rule chose (table, thresholds, win rate).
     """
-    if config.direction is not None and config.direction_layer is None:
-        raise ValueError("an external direction needs the layer to add it at: pass direction_layer (--layer)")
-    if config.direction is not None and config.pick is not None:
-        raise ValueError("pass either an external direction (--direction) or a candidate (--pick), not both")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    state = _Run(model, config, RunFolder(out, out / "figures"), log,
-                 {"model": asdict(model.info), "config": asdict(config)}, {}, time.perf_counter(), {})
-    splits = _load_data(state)
-    test, val = splits["test"], splits["val"]
-    harmful_test, harmless_test = test.harmful_texts[: config.n_test], test.harmless_texts[: config.n_test]
-    harmful_val, harmless_val = val.harmful_texts[: config.n_val], val.harmless_texts[: config.n_val]
-    state.report["selected"] = None
-    if config.direction is not None:
-        vector, layer, position = _external_direction(state, harmless_val)
-    else:
-        vector, layer, position = _extract_and_select(state, splits["train"], harmful_val, harmless_val, harmful_test,
-                                                      harmless_test)
-    state.folder.save_direction(vector, layer=layer, position=position, source=state.report["selected"]["how"])
-    _interventions(state, vector, layer, harmful_test, harmless_test)
-    if config.over_refusal:
-        _over_refusal(state, vector, layer, position)
-    return _finish(state)
+
+    vector: Float[Tensor, " d_model"] | None
+    layer: int | None
+    position: int | None
+    selected: dict | None
+    null_kl: Float[Tensor, " n_directions"] | None
+    selection: Selection | None = None
+
+    def report(self) -> dict:
+        report: dict = {"selected": self.selected}
+        if self.null_kl is not None:
+            report["kl_random_directions"] = null_summary(self.null_kl)
+        if self.selection is not None:
+            report["selection_rule"] = {**asdict(self.selection.thresholds), "rule": self.selection.rule}
+            if self.selection.best is None:
+                report["selection_failed"] = self.selection.failure_message()
+        return report
 
 
-def _load_data(state: _Run) -> dict[str, ContrastSet]:
+@dataclass
+class Interventions:
+    """The intervention stage's effects on the test prompts and the α sweep."""
+
+    effects: InterventionEffects
+    sweep: pd.DataFrame
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """``judge`` (verdicts only) and ``capability`` where they exist, and ``alpha_sweep``."""
+        tables = {"judge": self.effects.judged, "capability": self.effects.capability if len(self.effects.capability)
+                  else None, "alpha_sweep": self.sweep}
+        return {name: table for name, table in tables.items() if table is not None}
+
+    def report(self) -> dict:
+        return {**self.effects.report(), "alpha_sweep": self.sweep.round(4).to_dict(orient="list")}
+
+
+# ------------------------------------------------------------------ steps
+def load_data(model: Model, config: RunConfig) -> RunData:
     """The run's train/val/test splits (train capped at ``n_train``), train and val filtered as the paper."""
-    config = state.config
     splits = load_splits(config.harmful, config.harmless, seed=config.seed)
     if config.n_train is not None:
         train = splits["train"]
         splits["train"] = ContrastSet(train.name, train.harmful[: config.n_train], train.harmless[: config.n_train])
     unfiltered = {name: (len(s.harmful), len(s.harmless)) for name, s in splits.items()}
     if config.filter_by_refusal:
-        splits.update({name: splits[name].filter_by_refusal(state.model, min_kept_share=MIN_KEPT_SHARE)
+        splits.update({name: splits[name].filter_by_refusal(model, min_kept_share=MIN_KEPT_SHARE)
                        for name in ("train", "val")})
-        state.step("filter")
-    state.report["data"] = {
-        name: {"n_harmful": len(s.harmful), "n_harmless": len(s.harmless), **s.hashes(),
-               "before_filter": {"n_harmful": unfiltered[name][0], "n_harmless": unfiltered[name][1]}}
-        for name, s in splits.items()}
-    return splits
+    return RunData(splits, unfiltered, config.n_val, config.n_test)
 
 
-def _external_direction(state: _Run, harmless_val: list[str]) -> tuple[Tensor, int, None]:
-    """``config.direction`` (raw, as stored) with its layer; the KL null for reading its KL."""
-    config = state.config
-    vector = load_direction(config.direction, state.model, normalize=False)
-    state.report["direction_source"] = {"file": str(config.direction), "sha256": file_sha256(config.direction),
-                                        "layer": config.direction_layer}
-    _report_null(state, random_direction_kl(state.model, harmless_val, n_directions=config.n_null_directions,
-                                            seed=config.seed, batch_size=config.batch_size))
-    state.report["selected"] = {"pos": None, "layer": config.direction_layer,
-                                "how": f"given: {config.direction} (--direction, --layer)"}
-    return vector, config.direction_layer, None
+def extract(model: Model, data: RunData, config: RunConfig) -> Directions:
+    """Difference-in-means candidates at every end-of-instruction position and layer, from the train split."""
+    train = data.splits["train"]
+    return diff_in_means(model, train.harmful_texts, train.harmless_texts, batch_size=config.batch_size)
 
 
-def _extract_and_select(state: _Run, train: ContrastSet, harmful_val: list[str], harmless_val: list[str],
-                        harmful_test: list[str], harmless_test: list[str]) -> tuple[Tensor, int, int]:
-    """Candidates on train, their statistics on test, and the candidate to use (selected on val, or picked)."""
-    model, config, report = state.model, state.config, state.report
-    directions = diff_in_means(model, train.harmful_texts, train.harmless_texts, batch_size=config.batch_size)
-    state.folder.save_directions(directions)
-    report["positions"] = directions.positions
-    state.step("extraction")
-    separability, stability = _statistics(state, directions, train, harmful_test, harmless_test)
-    peak = separability[separability.valid].sort_values("d", ascending=False).iloc[0]
-    report["cohens_d_peak"] = {"pos": int(peak.pos), "layer": int(peak.layer), "d": round(float(peak.d), 3),
-                               "ci": [round(float(peak.ci_low), 3), round(float(peak.ci_high), 3)]}
-    state.step("statistics")
-    report["selected"] = _choose_candidate(state, directions, harmful_val, harmless_val)
-    state.step("selection")
-    if report["selected"] is None:
-        _finish(state)
-        raise SelectionError(report["selection_failed"])
-    pos, layer = report["selected"]["pos"], report["selected"]["layer"]
-    state.folder.save_selected(pos, layer, report["selected"]["how"])
-    at = lambda table: table[(table.pos == pos) & (table.layer == layer)]  # noqa: E731
-    report["cohens_d_selected"] = round(float(at(separability).d.iloc[0]), 3)
-    report["split_half_cosine_selected"] = round(float(at(stability).cosine.iloc[0]), 4)
-    return directions.direction(pos, layer, unit=False), layer, pos
-
-
-def _statistics(state: _Run, directions: Directions, train: ContrastSet, harmful_test: list[str],
-                harmless_test: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Held-out Cohen's d, cross-layer cosines, batched vs sequential and split-half stability (CSVs + figures)."""
-    model, config, out = state.model, state.config, state.folder.path
-    separability = stats.cohens_d(model, directions, harmful_test, harmless_test, n_boot=config.n_boot,
+def measure_statistics(model: Model, candidates: Directions, data: RunData, config: RunConfig) -> Statistics:
+    """Cohen's d of every candidate on test, cosines between layers, the padding check, split-half stability."""
+    separability = stats.cohens_d(model, candidates, data.harmful_test, data.harmless_test, n_boot=config.n_boot,
                                   seed=config.seed, batch_size=config.batch_size)
-    separability.to_csv(out / "cohens_d.csv", index=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # layer 0 is a known zero-norm candidate; its cosines are NaN
-        cosines = stats.layer_cosines(directions, -1)
-    cosines.to_csv(out / "layer_cosines_pos-1.csv")
-    padding = stats.batched_vs_sequential(model, harmful_test[: config.n_padding_check], batch_size=config.batch_size)
-    padding.to_csv(out / "batched_vs_sequential.csv", index=False)
-    state.figures.update(cohens_d=plots.cohens_d(separability), layer_cosines=plots.cosine_heatmap(cosines),
-                         batched_vs_sequential=plots.batched_vs_sequential(padding))
+        cosines = stats.layer_cosines(candidates, -1)
+    padding = stats.batched_vs_sequential(model, data.harmful_test[: config.n_padding_check],
+                                          batch_size=config.batch_size)
+    train = data.splits["train"]
     stability = stats.split_half_stability(model, train.harmful_texts, train.harmless_texts, seed=config.seed,
                                            batch_size=config.batch_size)
-    stability.to_csv(out / "split_half.csv", index=False)
-    return separability, stability
+    return Statistics(separability, cosines, padding, stability)
 
 
-def _report_null(state: _Run, null_kl: Float[Tensor, " n_directions"]) -> None:
-    """The KL filter's null in the report: ablating random unit directions on the same val harmless prompts."""
-    state.report["kl_random_directions"] = {
-        "n": len(null_kl), "median": round(float(null_kl.median()), 5), "min": round(float(null_kl.min()), 5),
-        "max": round(float(null_kl.max()), 5), "share_below_0.1": round(float((null_kl < 0.1).double().mean()), 4),
-        "values": [round(float(x), 5) for x in null_kl]}
-
-
-def _choose_candidate(
-    state: _Run, directions: Directions, harmful_val: list[str], harmless_val: list[str]
-) -> dict | None:
-    """The candidate to intervene with, ``config.pick`` or the selection rule's, as the report's ``selected``
-    entry (``None``, with ``selection_failed`` in the report, when nothing passes)."""
-    model, config, report = state.model, state.config, state.report
+def choose_direction(model: Model, candidates: Directions | None, data: RunData, config: RunConfig) -> Choice:
+    """The direction to intervene with: given (``config.direction``), picked (``config.pick``) or selected on val."""
+    if config.direction is not None:
+        vector = load_direction(config.direction, model, normalize=False)
+        how = f"given: {config.direction} (--direction, --direction-layer)"
+        return Choice(vector, config.direction_layer, None, {"pos": None, "layer": config.direction_layer, "how": how},
+                      _null_kl(model, data, config))
     if config.pick is not None:
         pos, layer = config.pick
-        directions.direction(pos, layer)  # raises for a candidate that does not exist or has zero norm
-        _report_null(state, random_direction_kl(model, harmless_val, n_directions=config.n_null_directions,
-                                                seed=config.seed, batch_size=config.batch_size))
-        return {"pos": pos, "layer": layer, "how": "given: --pick"}
-    selection = select_direction(model, directions, harmful_val, harmless_val, kl_max=config.kl_max,
+        vector = candidates.direction(pos, layer, unit=False)  # raises for a missing or zero-norm candidate
+        return Choice(vector, layer, pos, {"pos": pos, "layer": layer, "how": "given: --pick"},
+                      _null_kl(model, data, config))
+    selection = select_direction(model, candidates, data.harmful_val, data.harmless_val, kl_max=config.kl_max,
                                  fallback=config.fallback, n_null=config.n_null_directions, n_boot=config.n_boot,
-                                 seed=config.seed, batch_size=config.batch_size, full_table=config.full_selection_table)
-    selection.table.to_csv(state.folder.path / "selection.csv", index=False)
-    state.figures["selection"] = plots.selection_scores(selection.table)
-    _report_null(state, selection.null_kl)
-    report["selection_rule"] = {**asdict(selection.thresholds), "rule": selection.rule}
+                                 seed=config.seed, batch_size=config.batch_size, full_table=config.full_selection_table,
+                                 progress=True)
     if selection.best is None:
-        report["selection_failed"] = selection.failure_message()
-        return None
+        return Choice(None, None, None, None, selection.null_kl, selection)
     row = selection.best_row
-    return {"pos": selection.best[0], "layer": selection.best[1], "bypass": row.bypass, "induce": row.induce,
-            "kl": row.kl, "how": selection.rule, "bootstrap_win_rate": selection.win_rate,
-            "baseline_scores": selection.baseline}
+    pos, layer = selection.best
+    selected = {"pos": pos, "layer": layer, "bypass": row.bypass, "induce": row.induce, "kl": row.kl,
+                "how": selection.rule, "bootstrap_win_rate": selection.win_rate, "baseline_scores": selection.baseline}
+    return Choice(selection.vector, layer, pos, selected, selection.null_kl, selection)
 
 
-def _interventions(state: _Run, vector: Tensor, layer: int, harmful_test: list[str], harmless_test: list[str]) -> None:
-    """The intervention stage and the alpha sweep, into the report, tables and figures."""
-    model, config, out = state.model, state.config, state.folder.path
-    effects = intervention_effects(model, vector, layer, harmful_test, harmless_test,
+def _null_kl(model: Model, data: RunData, config: RunConfig) -> Float[Tensor, " n_directions"]:
+    """The KL null for reading a given direction's KL: random directions ablated on the harmless val prompts."""
+    return random_direction_kl(model, data.harmless_val, n_directions=config.n_null_directions, seed=config.seed,
+                               batch_size=config.batch_size)
+
+
+def measure_interventions(model: Model, choice: Choice, data: RunData, config: RunConfig,
+                          log: Callable[[str], object] = print) -> Interventions:
+    """The paper's interventions with the chosen vector on the test prompts, and the α sweep."""
+    effects = intervention_effects(model, choice.vector, choice.layer, data.harmful_test, data.harmless_test,
                                    max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
                                    judge=config.judge, capability_tasks=config.capability_tasks,
-                                   capability_limit=config.capability_limit, log=state.log)
-    if effects.judged is not None:
-        effects.judged.to_csv(out / "judge.csv", index=False)  # verdicts only: judge_conditions keeps no reply
-    if len(effects.capability):
-        effects.capability.to_csv(out / "capability.csv", index=False)
-    state.report.update(effects.report())
-    sweep = alpha_sweep(model, vector, harmful_test[: config.n_alpha], config.alphas, batch_size=config.batch_size)
-    sweep.to_csv(out / "alpha_sweep.csv", index=False)
-    state.report["alpha_sweep"] = sweep.round(4).to_dict(orient="list")
-    state.figures.update(refusal_rates=plots.refusal_rates(state.report["refusal_rate"]),
-                         alpha_sweep=plots.alpha_sweep(sweep))
-    state.step("interventions")
+                                   capability_limit=config.capability_limit, log=log)
+    sweep = alpha_sweep(model, choice.vector, data.harmful_test[: config.n_alpha], config.alphas,
+                        batch_size=config.batch_size)
+    return Interventions(effects, sweep)
 
 
-def _over_refusal(state: _Run, vector: Tensor, layer: int, position: int | None) -> None:
-    """The over-refusal step: ``report["over_refusal"]`` and, when a vector is chosen, ``false_refusal.safetensors``
-    beside ``direction.safetensors`` and its selection table as ``over_refusal_selection.csv``."""
-    config = state.config
-    settings = config.over_refusal_settings or OverRefusalConfig(n_test=config.n_test,
-                                                                 max_new_tokens=config.max_new_tokens, seed=config.seed)
-    report, false_refusal, meta = over_refusal_stage(state.model, vector, layer=layer, position=position,
-                                                     config=settings, log=state.log)
-    state.report["over_refusal"] = report
-    if "selection" in report:
-        pd.DataFrame(report["selection"]["table"]).to_csv(state.folder.path / "over_refusal_selection.csv", index=False)
-    if false_refusal is not None:
-        source = (f"false-refusal vector (issue 23): look-risky minus harmless at pos {meta['pos']}, layer "
-                  f"{meta['layer']}, λ = {meta['lambda']:g} of its component along the refusal direction removed; "
-                  f"{meta['rule']}")
-        path = state.folder.save_direction(false_refusal, layer=meta["layer"], position=meta["pos"], source=source,
-                                           name="false_refusal")
-        report["file"] = path.name
-    state.step("over_refusal")
+def build_report(model: Model, config: RunConfig, data: RunData, candidates: Directions | None,
+                 statistics: Statistics | None, choice: Choice, interventions: Interventions | None) -> dict:
+    """``report.json``'s content, from the steps' results."""
+    report: dict = {"model": asdict(model.info), "config": asdict(config), "data": data.report()}
+    if config.direction is not None:
+        report["direction_source"] = {"file": str(config.direction), "sha256": file_sha256(config.direction),
+                                      "layer": config.direction_layer}
+    if candidates is not None:
+        report["positions"] = candidates.positions
+    if statistics is not None:
+        report["cohens_d_peak"] = statistics.peak()
+    report.update(choice.report())
+    if statistics is not None and choice.position is not None:
+        report.update(statistics.at(choice.position, choice.layer))
+    if interventions is not None:
+        report.update(interventions.report())
+    return report
 
 
-def _finish(state: _Run) -> dict:
+def run(model: Model, out: str | Path, config: RunConfig = RunConfig(), log: Callable[[str], object] = print) -> dict:
+    """Run the main job on a loaded model and write its outputs to the folder ``out``; returns the report.
+
+    Raises :class:`~refusal_lens.selection.SelectionError` (its ``report`` attribute holds the report) after
+    writing the report, the tables and the manifest when no candidate passes the selection rule.
+    """
+    folder = RunFolder.create(out)
+    clock = StepClock(log)
+    data = load_data(model, config)
+    clock.done("filter")
+    candidates = statistics = None
+    if config.direction is None:
+        candidates = extract(model, data, config)
+        folder.save_directions(candidates)
+        clock.done("extraction")
+        statistics = measure_statistics(model, candidates, data, config)
+        for name, table in statistics.tables().items():
+            folder.save_table(table, name, index=name.startswith("layer_cosines"))
+        clock.done("statistics")
+    choice = choose_direction(model, candidates, data, config)
+    if choice.selection is not None:
+        folder.save_table(choice.selection.table, "selection")
+    clock.done("selection")
+    figures = statistics.figures() if statistics is not None else {}
+    if choice.selection is not None:
+        figures["selection"] = plots.selection_scores(choice.selection.table)
+    if choice.vector is None:
+        report = build_report(model, config, data, candidates, statistics, choice, None)
+        _finish(model, folder, report, figures, clock, config)
+        raise SelectionError(report["selection_failed"], report=report)
+    if choice.position is not None:
+        folder.save_selected(choice.position, choice.layer, choice.selected["how"])
+    folder.save_direction(choice.vector, layer=choice.layer, position=choice.position, source=choice.selected["how"])
+    interventions = measure_interventions(model, choice, data, config, log)
+    for name, table in interventions.tables().items():
+        folder.save_table(table, name)
+    figures.update(refusal_rates=plots.refusal_rates(interventions.effects.refusal_rate),
+                   alpha_sweep=plots.alpha_sweep(interventions.sweep))
+    clock.done("interventions")
+    report = build_report(model, config, data, candidates, statistics, choice, interventions)
+    return _finish(model, folder, report, figures, clock, config)
+
+
+def _finish(model: Model, folder: RunFolder, report: dict, figures: dict, clock: StepClock, config: RunConfig) -> dict:
     """Write the figures, ``report.json`` and ``manifest.json``; returns the report."""
-    for name, fig in state.figures.items():
-        state.folder.save_figure(fig, name, static=state.config.static_figures)
-    state.report["figures"] = sorted(state.figures)
-    state.step("figures")
-    state.report["seconds"] = state.timings
-    out = state.folder.path
-    (out / "report.json").write_text(json.dumps(state.report, indent=2, default=float) + "\n")
-    write_manifest(out, model=asdict(state.model.info), data=state.report["data"],
-                   positions=state.report.get("positions"), seed=state.config.seed, config=asdict(state.config),
-                   outputs=sorted(p.name for p in out.iterdir()))
-    return state.report
+    for name, fig in figures.items():
+        folder.save_figure(fig, name, static=config.static_figures)
+    report["figures"] = sorted(figures)
+    clock.done("figures")
+    report["seconds"] = clock.seconds
+    folder.write_report(report)
+    folder.write_manifest(model=asdict(model.info), data=report["data"], positions=report.get("positions"),
+                          seed=config.seed, config=asdict(config))
+    return report
+
+
+# ------------------------------------------------------------------ the over-refusal study
+def run_over_refusal(model: Model, run_dir: str | Path, config: OverRefusalConfig | None = None,
+                     log: Callable[[str], object] = print) -> dict:
+    """The over-refusal study against a run's refusal direction (``refusal-lens over-refusal``).
+
+    Reads ``direction.safetensors`` (and its layer and position) from the run folder ``run_dir``; writes
+    ``over_refusal.json``, ``over_refusal_selection.csv`` and, when a vector is chosen, ``false_refusal.safetensors``
+    into it, and records them in ``manifest.json``. ``config``: :class:`OverRefusalConfig` (``None``: its defaults).
+    Returns the over-refusal report.
+    """
+    config = config or OverRefusalConfig()
+    folder = RunFolder.create(run_dir)
+    vector, layer, position = folder.direction()
+    clock = StepClock(log)
+    report, false_refusal, meta = over_refusal_stage(model, vector, layer=layer, position=position, config=config,
+                                                     log=log)
+    if "selection" in report:
+        folder.save_table(pd.DataFrame(report["selection"]["table"]), "over_refusal_selection")
+    if false_refusal is not None:
+        source = (f"false-refusal vector: look-risky minus harmless at pos {meta['pos']}, layer {meta['layer']}, "
+                  f"λ = {meta['lambda']:g} of its component along the refusal direction removed; {meta['rule']}")
+        path = folder.save_direction(false_refusal, layer=meta["layer"], position=meta["pos"], source=source,
+                                     name="false_refusal")
+        report["file"] = path.name
+    clock.done("over_refusal")
+    report["seconds"] = clock.seconds
+    report["config"] = asdict(config)
+    folder.write_json("over_refusal", report)
+    folder.update_manifest(over_refusal={"model": asdict(model.info), "config": asdict(config), "seed": config.seed,
+                                         "refusal_direction": {"layer": layer, "pos": position}})
+    return report

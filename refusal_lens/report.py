@@ -32,7 +32,6 @@ def summary_lines(report: dict) -> list[str]:
         + _orthogonalization_note(report.get("orthogonalization") or {}),
         *_capability_lines(report["capability"]),
         *_judge_lines(report["judge"]),
-        *_over_refusal_lines(report.get("over_refusal")),
     ]
 
 
@@ -55,10 +54,9 @@ def _capability_lines(capability: dict) -> list[str]:
     return lines + [f"capability {task}: skipped ({why})" for task, why in capability["skipped"].items()]
 
 
-def _over_refusal_lines(over: dict | None) -> list[str]:
-    """The over-refusal step: its gate, and when it ran, the pick and the test refusal rates (Wilson 95% CIs)."""
-    if over is None:
-        return []
+def over_refusal_lines(over: dict) -> list[str]:
+    """The over-refusal study (``over_refusal.json``): its gate, and when it ran, the pick and the test refusal
+    rates (Wilson 95% CIs)."""
     gate = over["look_risky_val_refusal"]
     lines = [f"over-refusal (val)        look-risky refused {gate['rate']:.1%} ({gate['refused']}/{gate['n']}), "
              f"threshold {over['threshold']:.0%}" + ("" if over["ran"] else ": not run")]

@@ -1,11 +1,12 @@
 """Run folders: where one model's results live (``runs/<model>/``) and how the main job and notebooks share them.
 
-A run folder holds ``directions.safetensors`` (every candidate), ``selected.json`` (the chosen position and
-layer, and the rule that chose it), ``direction.safetensors`` (the chosen raw vector, readable by
-``rl.load_direction`` and ``refusal-lens run --direction``), ``false_refusal.safetensors`` when the over-refusal
-step picked a false-refusal vector (:mod:`refusal_lens.over_refusal`), tables, ``report.json``, ``manifest.json``
-and ``figures/``. ``refusal-lens run`` writes ``runs/<model>/``; notebooks share ``RUNS/<model>/``
-(``../runs/notebooks`` by default), so notebook 02's selection feeds notebooks 03-07.
+A run folder holds ``directions.safetensors`` (every candidate), ``selected.json`` (the chosen position and layer,
+and the rule that chose it), ``direction.safetensors`` (the chosen raw vector, readable by ``rl.load_direction`` and
+``refusal-lens run --direction``), tables (``<name>.csv``), ``report.json``, ``manifest.json`` and ``figures/``;
+``refusal-lens over-refusal`` adds ``over_refusal.json`` and, when it picks a false-refusal vector
+(:mod:`refusal_lens.over_refusal`), ``false_refusal.safetensors``. :class:`RunFolder` owns this layout: the steps
+hand it results and it names the files. ``refusal-lens run`` writes ``runs/<model>/``; notebooks share
+``RUNS/<model>/`` (``../runs/notebooks`` by default), so notebook 02's selection feeds notebooks 03-07.
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import torch
 from jaxtyping import Float
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
 from . import plots
 from .directions import Directions
+from .manifest import write_manifest
 from .models import Model
 
 
@@ -38,6 +42,51 @@ class RunFolder:
 
     path: Path
     figures: Path
+
+    @classmethod
+    def create(cls, path: str | Path) -> RunFolder:
+        """The folder ``path`` (created if absent), with its figures in ``path / "figures"``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        return cls(path, path / "figures")
+
+    def save_table(self, table: pd.DataFrame, name: str, *, index: bool = False) -> Path:
+        """``<name>.csv`` (with the row index when ``index``)."""
+        path = self.path / f"{name}.csv"
+        table.to_csv(path, index=index)
+        return path
+
+    def write_json(self, name: str, record: dict) -> Path:
+        """``<name>.json``, indented (floats from numpy or torch written as numbers)."""
+        path = self.path / f"{name}.json"
+        path.write_text(json.dumps(record, indent=2, default=float) + "\n")
+        return path
+
+    def write_report(self, report: dict) -> Path:
+        return self.write_json("report", report)
+
+    def write_manifest(self, **fields) -> Path:
+        """``manifest.json``: the given fields, versions, a timestamp and the folder's files (``outputs``)."""
+        return write_manifest(self.path, **fields, outputs=sorted(p.name for p in self.path.iterdir()))
+
+    def update_manifest(self, **fields) -> Path:
+        """``manifest.json`` with ``fields`` added to what it holds (a later step's record), versions, timestamp and
+        ``outputs`` renewed."""
+        path = self.path / "manifest.json"
+        held = json.loads(path.read_text()) if path.exists() else {}
+        held = {k: v for k, v in held.items() if k not in ("created_utc", "versions", "outputs")}
+        return self.write_manifest(**{**held, **fields})
+
+    def direction(self) -> tuple[Float[Tensor, " d_model"], int, int | None]:
+        """The run's chosen raw vector (``direction.safetensors``) with its layer and position."""
+        path = self.path / "direction.safetensors"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist: run `refusal-lens run` for this model first")
+        with safe_open(str(path), "pt") as file:
+            meta = file.metadata()
+            vector = file.get_tensor(next(iter(file.keys())))
+        position = None if meta["position"] == "None" else int(meta["position"])
+        return vector, int(meta["layer"]), position
 
     def save_figure(self, fig, name: str, *, static: bool = True) -> list[Path]:
         """Write ``figures/<name>.html`` (and a PNG unless ``static=False``) with :func:`refusal_lens.plots.save`."""

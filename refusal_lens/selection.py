@@ -73,7 +73,14 @@ FALLBACK_RULE = "fallback lowest-kl: lowest KL among candidates with bypass < 0 
 
 
 class SelectionError(RuntimeError):
-    """No candidate passed the selection rule; the message lists the closest ones and the options."""
+    """No candidate passed the selection rule; the message lists the closest ones and the options.
+
+    ``report``: the run's report as written when the main job stopped here (``None`` outside the main job).
+    """
+
+    def __init__(self, message: str, *, report: dict | None = None):
+        super().__init__(message)
+        self.report = report
 
 
 @dataclass(frozen=True)
@@ -469,6 +476,14 @@ def _null_kl(
     directions = torch.randn(n_directions, model.cfg.d_model, generator=generator, dtype=torch.float64)
     directions = directions / directions.norm(dim=-1, keepdim=True)
     return torch.stack([kl_divergence(reference, scorer.logits(ablate(model, v).hooks)).mean() for v in directions])
+
+
+def null_summary(null_kl: Float[Tensor, " n_directions"]) -> dict:
+    """The random-direction KL null as the report keeps it: ``n``, ``median``, ``min``, ``max``,
+    ``share_below_0.1`` (the paper's threshold) and every ``value`` (nats, 5 decimals)."""
+    return {"n": len(null_kl), "median": round(float(null_kl.median()), 5), "min": round(float(null_kl.min()), 5),
+            "max": round(float(null_kl.max()), 5), "share_below_0.1": round(float((null_kl < 0.1).double().mean()), 4),
+            "values": [round(float(x), 5) for x in null_kl]}
 
 
 def random_direction_kl(

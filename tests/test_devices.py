@@ -248,14 +248,18 @@ def test_main_job_end_to_end_on_a_trained_organism_then_export(arch, dtype, devi
     status = cli.main(["run", "--model", str(path), "--chat", spec.family, "--device", device, "--dtype", dtype,
                        "--out", str(tmp_path / "runs"), "--n-train", "32", "--n-val", "8", "--n-test", "8",
                        "--n-boot", "10", "--lazy-selection",
-                       "--capability-tasks", "", "--max-new-tokens", "6", "--fallback", "lowest-kl", "--html-only",
-                       *(["--no-over-refusal"] if dtype == "float32" else [])])
+                       "--capability-tasks", "", "--max-new-tokens", "6", "--fallback", "lowest-kl", "--html-only"])
     assert status == 0
+    if dtype != "float32":  # the over-refusal study on the run's direction, in half precision
+        assert cli.main(["over-refusal", "--model", str(path), "--chat", spec.family, "--device", device, "--dtype",
+                         dtype, "--out", str(tmp_path / "runs"), "--n-test", "8", "--max-new-tokens", "6"]) == 0
     run = open_run(str(path), tmp_path / "runs", create=False)
     report = json.loads((run.path / "report.json").read_text())
     assert report["model"]["device"].startswith(device) and report["model"]["dtype"] == dtype
     assert {"filter", "extraction", "selection", "interventions"} <= set(report["seconds"])  # every stage ran
-    assert ("over_refusal" in report["seconds"]) == (dtype == "bfloat16")
+    if dtype != "float32":
+        over = json.loads((run.path / "over_refusal.json").read_text())
+        assert "over_refusal" in over["seconds"] and over["look_risky_val_refusal"]["n"] > 0
     rates = report["refusal_rate"]
     assert rates["harmful_baseline"] >= 0.8 and rates["harmful_ablated"] <= 0.2, rates
     assert rates["harmless_added"] > rates["harmless_baseline"], rates

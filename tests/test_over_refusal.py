@@ -447,10 +447,10 @@ def test_evaluate_on_holdout_uses_the_held_out_files_only(organism_selection):
         evaluate_on_test(model, vector, n_test=1, split="val")
 
 
-def test_stage_stops_below_its_threshold_and_the_main_job_step_runs_above(organism_selection, tmp_path):
+def test_stage_stops_below_its_threshold_and_the_over_refusal_command_runs_above(organism_selection, tmp_path):
     from refusal_lens import pipeline
     from refusal_lens.cli import build_parser
-    from refusal_lens.report import _over_refusal_lines
+    from refusal_lens.report import over_refusal_lines
 
     model, refusal, _, _, _ = organism_selection
     # The 4th val look-risky request (a baking-contest idiom) is refused by the organism; the first 3 are not.
@@ -459,13 +459,14 @@ def test_stage_stops_below_its_threshold_and_the_main_job_step_runs_above(organi
                                                   log=lambda *_: None)
     assert report["ran"] is False and vector is None and metadata == {}
     assert report["look_risky_val_refusal"]["n"] == 4 and report["look_risky_val_refusal"]["refused"] == 1
-    # Above the threshold, through the main job's step: the report table and false_refusal.safetensors.
+    # Above the threshold, through the study's run step on a run folder: over_refusal.json, its selection table,
+    # false_refusal.safetensors and the manifest's record.
     settings = replace(small, threshold=0.1, n_train=6, n_test=1, positions=(-1,), layers=(8,), filter_train=False,
                        kl_max=100.0, keep_harmful=0.01, fallback=None, n_null=2)
-    state = pipeline._Run(model, pipeline.RunConfig(over_refusal_settings=settings), rl.open_run(model, tmp_path),
-                          lambda *_: None, {}, {}, 0.0, {})
-    pipeline._over_refusal(state, 5 * refusal, 12, -1)
-    report = state.report["over_refusal"]
+    folder = rl.open_run(model, tmp_path)
+    folder.save_direction(5 * refusal, layer=12, position=-1, source="test")
+    report = pipeline.run_over_refusal(model, folder.path, settings, log=lambda *_: None)
+    assert json.loads((folder.path / "over_refusal.json").read_text()) == json.loads(json.dumps(report, default=float))
     assert report["ran"] is True and report["selected"]["layer"] == 8 and report["selected"]["lambda"] == 1.0
     assert abs(report["selected"]["cosine_with_refusal_direction"]) < 1e-9
     assert report["refusal_direction"] == {"layer": 12, "pos": -1}
@@ -473,14 +474,15 @@ def test_stage_stops_below_its_threshold_and_the_main_job_step_runs_above(organi
     assert set(report["test"]["acceptance"]) == {"look_risky_halved", "look_risky_refusal_pairs_halved",
                                                  "harmful_kept_90pct", "harmless_not_increased"}
     assert report["holdout"]["split"] == "holdout" and report["holdout"]["n"]["look_risky"] == 1
-    assert "over_refusal" in state.timings
-    json.dumps(state.report)  # JSON-ready as it is
-    vector = rl.load_direction(state.folder.path / report["file"], model)
+    assert "over_refusal" in report["seconds"] and report["config"]["n_train"] == 6
+    vector = rl.load_direction(folder.path / report["file"], model)
     assert report["file"] == "false_refusal.safetensors" and abs(float(vector.double() @ refusal)) < 1e-6
-    assert (state.folder.path / "over_refusal_selection.csv").exists()
-    lines = _over_refusal_lines(report)
+    assert (folder.path / "over_refusal_selection.csv").exists()
+    manifest = json.loads((folder.path / "manifest.json").read_text())
+    assert manifest["over_refusal"]["config"]["n_train"] == 6 and "over_refusal.json" in manifest["outputs"]
+    lines = over_refusal_lines(report)
     assert lines[0].startswith("over-refusal (val)") and "false-refusal vector    pos -1, layer 8" in lines[1]
     assert any("look-risky (holdout)" in line for line in lines) and any("(test)" in line for line in lines)
     parse = build_parser().parse_args
-    assert parse(["run"]).no_over_refusal is False and parse(["run", "--no-over-refusal"]).no_over_refusal is True
-    assert pipeline.RunConfig().over_refusal is True
+    args = parse(["over-refusal", "--n-val", "4", "--fallback", "none", "--positions", "-1,-2", "--no-holdout"])
+    assert (args.n_val, args.fallback, args.positions, args.holdout) == (4, None, (-1, -2), False)
