@@ -123,15 +123,27 @@ class Directions:
         return torch.where(self.valid[..., None], self.vectors / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0.0)
 
     def direction(self, position: int, layer: int, *, unit: bool = True) -> Float[Tensor, " d_model"]:
-        """One candidate as a float64 vector; raises for an invalid one."""
+        """One candidate's unit direction (float64); raises for an invalid one.
+
+        A *direction* is unit norm (what ablation removes); a *vector* is the raw difference in means
+        (what addition adds): :meth:`vector`. ``unit=False`` is the deprecated spelling of :meth:`vector`.
+        """
+        if not unit:
+            warnings.warn("Directions.direction(unit=False) is deprecated; use Directions.vector(position, layer)",
+                          DeprecationWarning, stacklevel=2)
+            return self.vector(position, layer)
+        vector = self.vector(position, layer)
+        return vector / vector.norm()
+
+    def vector(self, position: int, layer: int) -> Float[Tensor, " d_model"]:
+        """One candidate's raw difference-in-means vector (float64, a copy); raises for an invalid one."""
         p, l = self.index(position, layer)
         if not self.valid[p, l]:
             raise InvalidDirectionError(
                 f"the candidate at position {position}, layer {layer} has zero norm (the harmful and harmless "
                 "means coincide there, e.g. resid_pre of layer 0); pick another layer"
             )
-        vector = self.vectors[p, l]
-        return vector / vector.norm() if unit else vector.clone()
+        return self.vectors[p, l].clone()
 
     def cosine_matrix(self, position: int = -1) -> Float[Tensor, "layer layer"]:
         """Cosine similarity between the candidates of every pair of layers at one position (float64).

@@ -4,7 +4,7 @@
 difference-in-means vector ``r`` at its layer,
 
 * refusal (greedy replies, substring judge) of harmful prompts unmodified, with the unit direction ablated
-  everywhere, and with ``r`` subtracted at the layer (the paper's jailbreak "actadd", coefficient -1);
+  everywhere, and with ``r`` subtracted at the layer (the paper's jailbreak "actadd", α = -1);
 * refusal of harmless prompts unmodified and with ``r`` added at the layer;
 * next-token KL(unmodified || ablated) on the harmless prompts;
 * cross-entropy of the model's own harmless replies (reply tokens only) under each intervention;
@@ -159,7 +159,7 @@ def intervention_effects(
     ``layer`` on held-out ``harmful`` and ``harmless`` instructions; see the module docstring."""
     direction = vector / vector.norm()
     harmful, harmless = list(harmful), list(harmless)
-    hooks = {"ablated": ablate(model, direction).hooks, "subtracted": add(model, vector, layer=layer, coeff=-1.0).hooks,
+    hooks = {"ablated": ablate(model, direction).hooks, "subtracted": add(model, vector, layer=layer, alpha=-1.0).hooks,
              "added": add(model, vector, layer=layer).hooks}
     gen = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=True)
     log("interventions: generating replies to harmful test prompts (baseline, ablated, subtracted)")

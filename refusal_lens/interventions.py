@@ -4,8 +4,11 @@
   out of every residual-stream write, as the paper does: at ``resid_pre`` of
   every layer and at every attention and MLP output, all positions:
   ``x <- x - alpha * (x . v) v``.
-* ``add(model, r, layer=l)`` adds the raw vector ``coeff * r`` at ``resid_pre`` of
-  one layer, all positions.
+* ``add(model, r, layer=l)`` adds the raw vector ``alpha * r`` at ``resid_pre`` of
+  one layer, all positions (``alpha=-1``: the paper's subtraction).
+
+``alpha`` is the one name for an intervention's strength: the share of the component removed by ablation, the
+multiple of the vector added by addition.
 
 ``ablate`` and ``add`` return an :class:`Intervention`: a context manager that
 removes its hooks on exit, also when the body raises, and whose ``.hooks`` can
@@ -16,6 +19,7 @@ models lose nothing to the projection.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -101,12 +105,19 @@ def ablate(
     return Intervention(model, hooks, f"ablate rank {basis.shape[0]}, alpha={alpha}")
 
 
-def add(model: Model, vector: Float[Tensor, " d_model"], *, layer: int, coeff: float = 1.0) -> Intervention:
-    """Activation addition: ``resid_pre[layer] += coeff * vector`` at every position (raw vector, not normalized)."""
+def add(model: Model, vector: Float[Tensor, " d_model"], *, layer: int, alpha: float = 1.0,
+        coeff: float | None = None) -> Intervention:
+    """Activation addition: ``resid_pre[layer] += alpha * vector`` at every position (raw vector, not normalized).
+
+    ``coeff`` is the deprecated name of ``alpha``.
+    """
+    if coeff is not None:
+        warnings.warn("add(coeff=...) is deprecated; use alpha=", DeprecationWarning, stacklevel=2)
+        alpha = coeff
     vector = as_vector(vector, model.cfg.d_model, name="the vector")
     if not 0 <= layer < model.cfg.n_layers:
         raise ValueError(f"layer must lie in [0, {model.cfg.n_layers}), got {layer}")
-    shift = (coeff * vector.to(torch.float32)).cpu()
+    shift = (alpha * vector.to(torch.float32)).cpu()
     cache: dict[torch.device, Tensor] = {}
 
     def hook_fn(activation: Tensor, hook) -> Tensor:
@@ -115,4 +126,4 @@ def add(model: Model, vector: Float[Tensor, " d_model"], *, layer: int, coeff: f
             s = cache[activation.device] = shift.to(activation.device)
         return (activation.float() + s).to(activation.dtype)
 
-    return Intervention(model, [(hook_name("resid_pre", layer), hook_fn)], f"add at layer {layer}, coeff={coeff}")
+    return Intervention(model, [(hook_name("resid_pre", layer), hook_fn)], f"add at layer {layer}, alpha={alpha}")

@@ -356,7 +356,7 @@ def candidate_vector(candidates: Directions, refusal_direction: Float[Tensor, " 
     """One candidate, partially orthogonalized and normalized, as :func:`false_refusal_direction` computes it."""
     orthogonalize = _check_share(orthogonalize)
     r = _unit_refusal(refusal_direction, candidates.d_model)
-    raw = candidates.direction(position, layer, unit=False)
+    raw = candidates.vector(position, layer)
     return _normalize_after_removal(raw, remove_component(raw, r, orthogonalize),
                                     f"at layer {layer}, position {position}", orthogonalize)
 

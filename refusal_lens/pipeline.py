@@ -299,7 +299,7 @@ def choose_direction(model: Model, candidates: Directions | None, data: RunData,
                       _null_kl(model, data, config))
     if config.pick is not None:
         pos, layer = config.pick
-        vector = candidates.direction(pos, layer, unit=False)  # raises for a missing or zero-norm candidate
+        vector = candidates.vector(pos, layer)  # raises for a missing or zero-norm candidate
         return Choice(vector, layer, pos, {"pos": pos, "layer": layer, "how": "given: --pick"},
                       _null_kl(model, data, config))
     selection = select_direction(model, candidates, data.harmful_val, data.harmless_val, kl_max=config.kl_max,

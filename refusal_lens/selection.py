@@ -149,7 +149,7 @@ class Selection:
     @property
     def vector(self) -> Float[Tensor, " d_model"]:
         """Raw difference-in-means vector of the chosen candidate (for activation addition)."""
-        return self.directions.direction(*self.pick(), unit=False)
+        return self.directions.vector(*self.pick())
 
     @property
     def best_row(self) -> pd.Series:

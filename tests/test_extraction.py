@@ -266,6 +266,13 @@ def test_directions_save_load_roundtrip_and_geometry(tiny_model, tmp_path):
     with pytest.raises(rl.InvalidDirectionError, match="zero norm"):
         found.direction(-1, 0)
     torch.testing.assert_close(found.direction(-1, 1), found.unit()[-1, 1])
+    # a vector is the raw difference in means (a copy), a direction its unit version
+    assert torch.equal(found.vector(-1, 1), found.vectors[-1, 1]) and found.vector(-1, 1) is not found.vectors[-1, 1]
+    torch.testing.assert_close(found.direction(-1, 1) * found.vector(-1, 1).norm(), found.vector(-1, 1))
+    with pytest.raises(rl.InvalidDirectionError, match="zero norm"):
+        found.vector(-1, 0)
+    with pytest.warns(DeprecationWarning, match="use Directions.vector"):
+        assert torch.equal(found.direction(-1, 1, unit=False), found.vector(-1, 1))
 
 
 def test_layer_cosines_matches_numpy(smollm2):

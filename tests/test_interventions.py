@@ -103,13 +103,16 @@ def test_activation_addition_shifts_one_layer(tiny_model):
     base, recorders = record(tiny_model, names)
     logits(tiny_model, PROMPTS, recorders)
     shifted, recorders = record(tiny_model, names)
-    with rl.add(tiny_model, vector, layer=1, coeff=-0.5):
+    with rl.add(tiny_model, vector, layer=1, alpha=-0.5):
         logits(tiny_model, PROMPTS, recorders)
     torch.testing.assert_close(shifted["blocks.1.hook_resid_pre"] - base["blocks.1.hook_resid_pre"],
                                (-0.5 * vector).expand_as(base["blocks.1.hook_resid_pre"]), rtol=0, atol=1e-5)
     assert torch.equal(shifted["blocks.0.hook_resid_pre"], base["blocks.0.hook_resid_pre"])
     with pytest.raises(rl.InvalidDirectionError, match=r"expected \[64\]"):
         rl.add(tiny_model, torch.ones(10), layer=0)
+    with pytest.warns(DeprecationWarning, match="use alpha="):
+        old_name = rl.add(tiny_model, vector, layer=1, coeff=-0.5)
+    assert old_name.description == rl.add(tiny_model, vector, layer=1, alpha=-0.5).description
 
 
 def test_weight_orthogonalization_equals_hook_ablation(refusal_model):

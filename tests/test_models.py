@@ -193,7 +193,7 @@ def test_cli_runs_interventions_on_a_picked_candidate_and_on_a_direction_from_a_
     picked = json.loads((picked_dir / "report.json").read_text())
     assert picked["selected"] == {"pos": -1, "layer": 2, "how": "given: --pick"}
     assert not (picked_dir / "selection.csv").exists() and (picked_dir / "cohens_d.csv").exists()
-    vector = rl.Directions.load(picked_dir / "directions.safetensors").direction(-1, 2, unit=False)
+    vector = rl.Directions.load(picked_dir / "directions.safetensors").vector(-1, 2)
     stored = rl.load_direction(picked_dir / "direction.safetensors", rl.load_model(str(four_layer_model_dir),
                                                                                    device="cpu", chat="chatml"),
                                normalize=False)

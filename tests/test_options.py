@@ -49,8 +49,8 @@ def test_every_kind_of_field_parses_into_the_config():
 
 
 def test_short_historical_flags_still_set_their_fields():
-    args = cli.build_parser().parse_args(["run", "--no-filter", "--html-only", "--lazy-selection", "--direction", "d.pt",
-                                          "--layer", "4"])
+    args = cli.build_parser().parse_args(["run", "--no-filter", "--html-only", "--lazy-selection",
+                                          "--direction", "d.pt", "--layer", "4"])
     config = from_args(RunConfig, args)
     assert (config.filter_by_refusal, config.static_figures, config.full_selection_table) == (False, False, False)
     assert (config.direction, config.direction_layer) == ("d.pt", 4)

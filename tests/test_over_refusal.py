@@ -278,7 +278,7 @@ def test_selection_scores_match_an_independent_computation(organism_selection):
 
 def _candidate(candidates, refusal, layer, lam):
     """Independent of the module: d - lam (d·r)r/(r·r), normalized."""
-    d = candidates.direction(-1, layer, unit=False)
+    d = candidates.vector(-1, layer)
     v = d - lam * (d @ refusal) / (refusal @ refusal) * refusal
     return v / v.norm()
 

@@ -22,7 +22,7 @@ def test_run_folder_round_trips_directions_selection_and_the_direction(tiny_mode
     loaded, pos, layer = run.selected()
     assert (pos, layer) == (-1, 1)
     torch.testing.assert_close(loaded.vectors, directions.vectors, rtol=0, atol=0)
-    vector = directions.direction(-1, 1, unit=False)
+    vector = directions.vector(-1, 1)
     path = run.save_direction(vector, layer=1, position=-1, source="test")
     torch.testing.assert_close(rl.load_direction(path, tiny_model, normalize=False), vector, rtol=0, atol=0)
     torch.testing.assert_close(rl.load_direction(path, tiny_model), (vector / vector.norm()).float())
