@@ -113,7 +113,7 @@ class ContrastSet:
         return {"harmful_sha256": text_hash(self.harmful_texts), "harmless_sha256": text_hash(self.harmless_texts)}
 
     def filter_by_refusal(
-        self, model: Model, *, batch_size: int = 32, min_kept_share: float | None = None
+        self, model: Model, *, batch_size: int = 32, min_kept_share: float | None = None, progress: bool = False
     ) -> ContrastSet:
         """Keep harmful items the model refuses and harmless items it answers, by refusal score sign.
 
@@ -123,8 +123,9 @@ class ContrastSet:
         """
         from .metrics import refusal_score
 
-        harmful = refusal_score(model, self.harmful_texts, batch_size=batch_size)
-        harmless = refusal_score(model, self.harmless_texts, batch_size=batch_size)
+        harmful, harmless = (refusal_score(model, texts, batch_size=batch_size,
+                                           progress=progress and f"refusal filter: {self.name} {side}")
+                             for side, texts in (("harmful", self.harmful_texts), ("harmless", self.harmless_texts)))
         kept = ContrastSet(
             f"{self.name}[filtered]",
             tuple(i for i, s in zip(self.harmful, harmful) if s > 0),

@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from .generation import generate
 from .interventions import ablate, add
@@ -185,11 +186,11 @@ def intervention_effects(
 
 
 def alpha_sweep(model: Model, direction: Float[Tensor, " d_model"], harmful: Sequence[str], alphas: Sequence[float], *,
-                batch_size: int = 32, max_new_tokens: int | None = None) -> pd.DataFrame:
+                batch_size: int = 32, max_new_tokens: int | None = None, progress: bool = False) -> pd.DataFrame:
     """Mean refusal score on ``harmful`` when ``alpha`` times the direction's component is removed, per alpha;
     with ``max_new_tokens``, also the refusal rate of greedy replies of that length (``refusal_rate``)."""
     rows = []
-    for alpha in alphas:
+    for alpha in tqdm(alphas, disable=not progress, desc="α sweep", unit="α"):
         hooks = ablate(model, direction, alpha=alpha).hooks
         row = {
             "alpha": alpha,

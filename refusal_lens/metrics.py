@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from .chat import check_instructions
 from .models import Model
@@ -80,12 +81,17 @@ LAST_POSITION_ONLY = ("ln_final.hook_in", lambda x, hook: x[:, -1:])
 
 
 def last_token_logits(model: Model, instructions: Sequence[str], *, hooks: Iterable = (), batch_size: int = 32,
-                      system: str | None = None) -> Float[Tensor, "batch d_vocab"]:
-    """Logits after the last prompt token (float32, CPU), with ``hooks`` active."""
+                      system: str | None = None, progress: bool | str = False) -> Float[Tensor, "batch d_vocab"]:
+    """Logits after the last prompt token (float32, CPU), with ``hooks`` active.
+
+    ``progress``: a progress bar over batches (a text: the bar's label).
+    """
     instructions = check_instructions(instructions, model.chat)
     rows = []
+    starts = range(0, len(instructions), batch_size)
+    label = progress if isinstance(progress, str) else "last-token logits"
     with torch.no_grad(), model.hooks(fwd_hooks=[*hooks, LAST_POSITION_ONLY]):
-        for start in range(0, len(instructions), batch_size):
+        for start in tqdm(starts, disable=not progress, desc=label, unit="batch"):
             logits = forward_chat(model, instructions[start : start + batch_size], system=system)
             rows.append(logits[:, -1].float().cpu())
     return torch.cat(rows)
@@ -114,11 +120,12 @@ def refusal_log_odds(logits: Float[Tensor, "batch d_vocab"], refusal_tokens: Seq
 
 
 def refusal_score(model: Model, instructions: Sequence[str], *, hooks: Iterable = (), batch_size: int = 32,
-                  epsilon: float = REFUSAL_SCORE_EPSILON) -> Float[Tensor, " batch"]:
+                  epsilon: float = REFUSAL_SCORE_EPSILON, progress: bool | str = False) -> Float[Tensor, " batch"]:
     """Per-prompt refusal score at the last position (float64, nats; see :func:`refusal_log_odds`):
-    positive when the model is more likely than not to begin with a refusal token."""
-    return refusal_log_odds(last_token_logits(model, instructions, hooks=hooks, batch_size=batch_size),
-                            model.chat.refusal_tokens, epsilon=epsilon)
+    positive when the model is more likely than not to begin with a refusal token. ``progress`` as
+    :func:`last_token_logits`."""
+    logits = last_token_logits(model, instructions, hooks=hooks, batch_size=batch_size, progress=progress)
+    return refusal_log_odds(logits, model.chat.refusal_tokens, epsilon=epsilon)
 
 
 def kl_divergence(reference_logits: Float[Tensor, "batch d_vocab"], logits: Float[Tensor, "batch d_vocab"], *,

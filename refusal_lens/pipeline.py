@@ -138,6 +138,10 @@ class StepClock:
     def __init__(self, log: Callable[[str], object]):
         self.log, self.started, self.seconds = log, time.perf_counter(), {}
 
+    def begin(self, what: str) -> None:
+        """Say what the next step does (long steps also show a progress bar)."""
+        self.log(f"[{time.perf_counter() - self.started:6.0f} s] {what}")
+
     def done(self, step: str) -> None:
         elapsed = time.perf_counter() - self.started
         self.seconds[step] = round(elapsed - sum(self.seconds.values()), 1)
@@ -264,7 +268,7 @@ def load_data(model: Model, config: RunConfig) -> RunData:
         splits["train"] = ContrastSet(train.name, train.harmful[: config.n_train], train.harmless[: config.n_train])
     unfiltered = {name: (len(s.harmful), len(s.harmless)) for name, s in splits.items()}
     if config.filter_by_refusal:
-        splits.update({name: splits[name].filter_by_refusal(model, min_kept_share=MIN_KEPT_SHARE)
+        splits.update({name: splits[name].filter_by_refusal(model, min_kept_share=MIN_KEPT_SHARE, progress=True)
                        for name in ("train", "val")})
     return RunData(splits, unfiltered, config.n_val, config.n_test)
 
@@ -329,7 +333,7 @@ def measure_interventions(model: Model, choice: Choice, data: RunData, config: R
                                    judge=config.judge, capability_tasks=config.capability_tasks,
                                    capability_limit=config.capability_limit, log=log)
     sweep = alpha_sweep(model, choice.vector, data.harmful_test[: config.n_alpha], config.alphas,
-                        batch_size=config.batch_size)
+                        batch_size=config.batch_size, progress=True)
     return Interventions(effects, sweep)
 
 
@@ -360,17 +364,21 @@ def run(model: Model, out: str | Path, config: RunConfig = RunConfig(), log: Cal
     """
     folder = RunFolder.create(out)
     clock = StepClock(log)
+    clock.begin("filter: train and val keep the harmful prompts the model refuses and the harmless ones it answers")
     data = load_data(model, config)
     clock.done("filter")
     candidates = statistics = None
     if config.direction is None:
+        clock.begin("extraction: difference-in-means candidates at every end-of-instruction position and layer")
         candidates = extract(model, data, config)
         folder.save_directions(candidates)
         clock.done("extraction")
+        clock.begin("statistics: Cohen's d on test, layer cosines, padding check, split-half stability")
         statistics = measure_statistics(model, candidates, data, config)
         for name, table in statistics.tables().items():
             folder.save_table(table, name, index=name.startswith("layer_cosines"))
         clock.done("statistics")
+    clock.begin("selection: random-direction KL null, then bypass / induce / KL of the candidates on val")
     choice = choose_direction(model, candidates, data, config)
     if choice.selection is not None:
         folder.save_table(choice.selection.table, "selection")
@@ -385,6 +393,7 @@ def run(model: Model, out: str | Path, config: RunConfig = RunConfig(), log: Cal
     if choice.position is not None:
         folder.save_selected(choice.position, choice.layer, choice.selected["how"])
     folder.save_direction(choice.vector, layer=choice.layer, position=choice.position, source=choice.selected["how"])
+    clock.begin("interventions: replies, KL, CE, orthogonalization and capability on test; the α sweep")
     interventions = measure_interventions(model, choice, data, config, log)
     for name, table in interventions.tables().items():
         folder.save_table(table, name)
@@ -422,6 +431,7 @@ def run_over_refusal(model: Model, run_dir: str | Path, config: OverRefusalConfi
     folder = RunFolder.create(run_dir)
     vector, layer, position = folder.direction()
     clock = StepClock(log)
+    clock.begin(f"over-refusal against the direction at layer {layer}, position {position}")
     report, false_refusal, meta = over_refusal_stage(model, vector, layer=layer, position=position, config=config,
                                                      log=log)
     if "selection" in report:
