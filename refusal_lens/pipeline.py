@@ -88,8 +88,9 @@ class RunConfig:
     max_new_tokens: int = option(48, "reply length for refusal verdicts (the paper: 512)")
     n_boot: int = option(1000, "bootstrap resamples (Cohen's d intervals, the selection's win rate)")
     full_selection_table: bool = option(
-        True, "score every candidate for the selection figure; --no-full-selection-table scores only what the "
-        "pick needs (same pick)", off_alias="--lazy-selection")
+        False, "score bypass, induce and KL of every candidate for the selection figure (about 3x the selection's "
+        "time); by default only what the pick needs is scored: the same pick and scores, fewer points in the figure, "
+        "and a bootstrap win rate among the scored candidates", off_alias="--lazy-selection")
     seed: int = option(0, "seed of every random choice (data splits, null directions, bootstrap)")
     batch_size: int = option(32, "prompts per forward pass")
     alphas: tuple[float, ...] = option(

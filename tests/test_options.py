@@ -40,17 +40,17 @@ def test_defaults_are_the_config_defaults(command, config):
 
 def test_every_kind_of_field_parses_into_the_config():
     args = cli.build_parser().parse_args([
-        "run", "--alphas", "0,0.5,1", "--pick=-1,3", "--kl-max", "null:0.5", "--no-full-selection-table",
+        "run", "--alphas", "0,0.5,1", "--pick=-1,3", "--kl-max", "null:0.5", "--full-selection-table",
         "--capability-tasks", "", "--n-train", "8", "--fallback", "lowest-kl", "--no-static-figures", "--seed", "3"])
     config = from_args(RunConfig, args)
-    assert config == RunConfig(alphas=(0.0, 0.5, 1.0), pick=(-1, 3), kl_max="null:0.5", full_selection_table=False,
+    assert config == RunConfig(alphas=(0.0, 0.5, 1.0), pick=(-1, 3), kl_max="null:0.5", full_selection_table=True,
                                capability_tasks=(), n_train=8, fallback="lowest-kl", static_figures=False, seed=3)
     assert from_args(RunConfig, cli.build_parser().parse_args(["run", "--kl-max", "0.25"])).kl_max == 0.25
 
 
 def test_short_historical_flags_still_set_their_fields():
-    args = cli.build_parser().parse_args(["run", "--no-filter", "--html-only", "--lazy-selection",
-                                          "--direction", "d.pt", "--layer", "4"])
+    args = cli.build_parser().parse_args(["run", "--no-filter", "--html-only", "--full-selection-table",
+                                          "--lazy-selection", "--direction", "d.pt", "--layer", "4"])
     config = from_args(RunConfig, args)
     assert (config.filter_by_refusal, config.static_figures, config.full_selection_table) == (False, False, False)
     assert (config.direction, config.direction_layer) == ("d.pt", 4)
