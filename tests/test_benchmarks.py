@@ -85,3 +85,15 @@ def test_random_model_of_a_shape_loads_through_the_local_path(tmp_path, monkeypa
     assert means.shape == (len(model.chat.eoi_tokens), 2, 32) and means.isfinite().all()
     with pytest.raises(ValueError, match="unknown model shape 'nope'; known: "):
         models.build_random_model("nope", tmp_path / "x", tokenizer_dir)
+
+
+def test_selection_share_of_peak_counts_the_selection_step(four_layer_model_dir):
+    from benchmarks import hardware
+
+    result = hardware.selection_share_of_peak(str(four_layer_model_dir), full_table=True, filter_by_refusal=False,
+                                              n_val=4, n_train=8, n_null_directions=2, n_boot=0)
+    # the full table scores bypass, induce and KL of every candidate below the paper's layer limit
+    assert result["scores"]["bypass"] == result["scores"]["induce"] == result["scores"]["kl"] > 0
+    assert result["flops"] > 0 and result["seconds"] > 0
+    assert result["fraction_of_peak"] == pytest.approx(result["flops"] / result["seconds"] / 1e9
+                                                       / result["matmul_peak_gflops"], rel=1e-9)
