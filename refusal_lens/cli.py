@@ -92,7 +92,8 @@ def _load(options: ModelOptions):
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .pipeline import RunConfig, run
+    from .config import RunConfig
+    from .pipeline import run
     from .report import summary_lines
     from .selection import SelectionError
 
@@ -155,7 +156,7 @@ def _cmd_organism(args: argparse.Namespace) -> int:
 
 
 def _add_run_parser(sub) -> None:
-    from .pipeline import RunConfig
+    from .config import RunConfig
 
     run = sub.add_parser("run", help="the main job on one model: directions, selection, interventions")
     add_options(run.add_argument_group("model"), ModelOptions)
