@@ -6,9 +6,9 @@ import dataclasses
 import pytest
 
 from refusal_lens import cli
+from refusal_lens.config import RunConfig
 from refusal_lens.options import add_options, from_args, option
 from refusal_lens.over_refusal import OverRefusalConfig
-from refusal_lens.config import RunConfig
 
 
 def _subparser(name: str) -> argparse.ArgumentParser:
