@@ -2,6 +2,7 @@
 #   make run    the main job on the default offline model
 #   make test   the test suite (what CI runs)
 # And, run on purpose only:
+#   make over-refusal  the over-refusal study against the main job's direction (after make run)
 #   make lab      JupyterLab on the notebooks, in the same .venv
 #   make report   execute every notebook on the main job's run into docs/notebooks/*.html (about 15 minutes)
 #   make figures  refresh the committed figures/ from the main job's run and notebooks 04-06 (about 15 minutes)
@@ -10,7 +11,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lab report figures clean-venv
+.PHONY: run over-refusal test lab report figures clean-venv
 
 $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +33,10 @@ run: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/refusal-lens run --fallback lowest-kl $(ARGS)
 
 RUN_DIR := runs/smollm2-135m-refusal
+over-refusal: $(STAMP)
+	test -f $(RUN_DIR)/direction.safetensors || { echo "run 'make run' first: the study reads $(RUN_DIR)/direction.safetensors"; exit 1; }
+	HF_HUB_OFFLINE=1 $(BIN)/refusal-lens over-refusal $(ARGS)
+
 figures: $(STAMP)
 	test -f $(RUN_DIR)/report.json || { echo "run 'make run' first: figures come from $(RUN_DIR)"; exit 1; }
 	cp $(RUN_DIR)/figures/*.html $(RUN_DIR)/figures/*.png $(RUN_DIR)/figures/plotly.min.js figures/
