@@ -108,9 +108,9 @@ def _setting(report: dict) -> str:
     sel, n = need(report, "selected"), need(report, "n_test")
     tokens = report.get("config", {}).get("max_new_tokens")
     tokens = f", {tokens} new tokens" if tokens else ""
-    return (f"`{need(report, 'model', 'spec')}`, held-out `test` split ({n['harmful']} harmful / {n['harmless']} "
-            f"harmless prompts), greedy{tokens}, the paper's substring judge; direction: position "
-            f"{sign(sel['pos'])}, layer {sel['layer']}, chosen on `val`")
+    return (f"`{need(report, 'model', 'spec')}`; the held-out `test` split, {n['harmful']} harmful and "
+            f"{n['harmless']} harmless prompts; greedy decoding{tokens}; the paper's substring judge; the direction "
+            f"at position {sign(sel['pos'])}, layer {sel['layer']}, chosen on `val`")
 
 
 def _rates_table(report: dict) -> str:
@@ -169,11 +169,19 @@ def verdict(report: dict) -> str:
 def results_box(report: dict) -> str:
     """The README's and the front page's results box."""
     return "\n".join([
-        f"On the organism ({_setting(report)}):", "",
+        f"On the organism: {_setting(report)}.", "",
         _rates_table(report), "",
         "![Refusal with and without the direction](figures/refusal_rates.png)", "",
         verdict(report),
     ])
+
+
+def run_time(report: dict) -> str:
+    """How long the job behind the results took, from the report's per-step ``seconds``."""
+    seconds = need(report, "seconds")
+    steps = ", ".join(f"{name} {value / 60:.0f}" for name, value in seconds.items() if value >= 60)
+    return (f"The run behind the results below took {sum(seconds.values()) / 60:.0f} minutes for the job "
+            f"(install excluded; minutes per step: {steps}), as its `report.json` records.")
 
 
 def _separability(report: dict) -> str:
@@ -226,7 +234,7 @@ def notebook_map(report: dict, *, prefix: str) -> str:
     for stem, question, key in NOTEBOOKS:
         link = f"{prefix}{stem}.ipynb"
         answer = ANSWERS[key](report) if key else None
-        shown = f"{answer} ([outputs]({link}))" if answer else f"[the executed notebook]({link})"
+        shown = answer if answer else "in the executed notebook's outputs"
         lines.append(f"| [`{stem}`]({link}) | {question} | {shown} |")
     return "\n".join(lines)
 
@@ -350,7 +358,7 @@ def organism_table(behaviour: dict) -> str:
 def blocks(report: dict, behaviour: dict) -> dict[str, dict[str, str]]:
     """Relative file path -> block name -> generated text."""
     return {
-        "README.md": {"results": results_box(report), "notebooks": notebook_map(report, prefix="docs/notebooks/")},
+        "README.md": {"run-time": run_time(report), "results": results_box(report), "notebooks": notebook_map(report, prefix="docs/notebooks/")},
         "docs/index.md": {"results": results_box(report), "notebooks": notebook_map(report, prefix="notebooks/")},
         "docs/results.md": {"selection": selection_page(report), "interventions": interventions_page(report),
                             "over-refusal": over_refusal_page(report)},
@@ -360,10 +368,11 @@ def blocks(report: dict, behaviour: dict) -> dict[str, dict[str, str]]:
 
 def replace_block(text: str, name: str, content: str) -> str:
     """``text`` with what lies between ``<!-- name:begin -->`` and ``<!-- name:end -->`` replaced by ``content``."""
-    pattern = re.compile(rf"(<!-- {re.escape(name)}:begin -->\n).*?(\n<!-- {re.escape(name)}:end -->)", re.S)
-    if len(pattern.findall(text)) != 1:
-        raise ReportError(f"expected exactly one '<!-- {name}:begin -->' ... '<!-- {name}:end -->' pair")
-    return pattern.sub(lambda m: m.group(1) + content + m.group(2), text)
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    if len(pattern.findall(text)) != 1 or text.count(begin) != 1:
+        raise ReportError(f"expected exactly one '{begin}' ... '{end}' pair")
+    return pattern.sub(lambda _: f"{begin}\n{content}\n{end}", text)
 
 
 def render(report: dict, behaviour: dict, root: Path = ROOT) -> dict[Path, str]:
