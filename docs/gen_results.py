@@ -358,7 +358,8 @@ def organism_table(behaviour: dict) -> str:
 def blocks(report: dict, behaviour: dict) -> dict[str, dict[str, str]]:
     """Relative file path -> block name -> generated text."""
     return {
-        "README.md": {"run-time": run_time(report), "results": results_box(report), "notebooks": notebook_map(report, prefix="docs/notebooks/")},
+        "README.md": {"run-time": run_time(report), "results": results_box(report),
+                      "notebooks": notebook_map(report, prefix="docs/notebooks/")},
         "docs/index.md": {"results": results_box(report), "notebooks": notebook_map(report, prefix="notebooks/")},
         "docs/results.md": {"selection": selection_page(report), "interventions": interventions_page(report),
                             "over-refusal": over_refusal_page(report)},
@@ -375,9 +376,9 @@ def replace_block(text: str, name: str, content: str) -> str:
     return pattern.sub(lambda _: f"{begin}\n{content}\n{end}", text)
 
 
-def render(report: dict, behaviour: dict, root: Path = ROOT) -> dict[Path, str]:
-    """Each file under ``root`` that holds blocks -> its text with every block regenerated."""
-    out = {}
+def render(report: dict, behaviour: dict, root: Path | None = None) -> dict[Path, str]:
+    """Each file under ``root`` (the repository) that holds blocks -> its text with every block regenerated."""
+    root, out = root or ROOT, {}
     for rel, named in blocks(report, behaviour).items():
         path = root / rel
         text = path.read_text()
@@ -390,8 +391,9 @@ def render(report: dict, behaviour: dict, root: Path = ROOT) -> dict[Path, str]:
     return out
 
 
-def stale(report: dict, behaviour: dict, root: Path = ROOT) -> list[str]:
-    """Files under ``root`` whose blocks differ from what ``report`` and ``behaviour`` give."""
+def stale(report: dict, behaviour: dict, root: Path | None = None) -> list[str]:
+    """Files under ``root`` (the repository) whose blocks differ from what ``report`` and ``behaviour`` give."""
+    root = root or ROOT
     return [str(path.relative_to(root)) for path, text in render(report, behaviour, root).items()
             if path.read_text() != text]
 

@@ -37,10 +37,10 @@ POST_NORM = {"gemma2", "gemma3"}
 N_TEST = 16  # test prompts per side in the main job
 MAX_NEW_TOKENS = 12  # the trained replies are 7-8 tokens with EOS
 # The selection's KL limit for the organisms (nats). The paper's 0.1 sits inside the range of these 64-wide
-# models' candidate KLs, which made the pick depend on the CPU the organism was trained on: Phi-3's strongest
-# candidate (bypass -1.02) scored KL 0.109 on an AMD EPYC build and under 0.1 on the earlier machine's, so
-# there the rule fell back to a candidate with bypass -0.19 whose ablation leaves half the refusals. 0.2 keeps
-# the paper's rule (lowest bypass among candidates under the limit) off that knife edge.
+# models' candidate KLs, so with it the pick depends on the CPU that trained the organism (float arithmetic
+# differs between CPUs): a strongest candidate just over 0.1 on one machine and under it on another sends the
+# rule to a weak candidate whose ablation leaves refusals in place. 0.2 keeps the paper's rule (lowest bypass
+# among candidates under the limit) off that knife edge.
 KL_MAX = 0.2
 FP32_ORTHOGONAL = 1e-5  # max |x . r| / |x| that float32 rounding leaves on these models (measured <= 3e-7)
 
