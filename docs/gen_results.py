@@ -213,11 +213,20 @@ def _over_refusal(report: dict) -> str | None:
     result = over.get("holdout") or over.get("test")
     if not result:
         return None
-    look = result["refusal_rate"]["look_risky"]
-    harmful = result["refusal_rate"]["harmful_all"]
+    rates = result["refusal_rate"]
+    look, harmful = rates["look_risky"], rates[_harmful_key(rates)]
     return (f"look-risky refusal on the {result['split']} prompts {pct(look['baseline']['rate'])} → "
             f"{pct(look['ablated']['rate'])}, harmful {pct(harmful['baseline']['rate'])} → "
             f"{pct(harmful['ablated']['rate'])}")
+
+
+def _harmful_key(rates: dict) -> str:
+    """The over-refusal evaluation's harmful set: ``harmful_all`` (the requests and their look-risky rewordings'
+    harmful counterparts), whatever the report calls it."""
+    keys = [key for key in rates if key.startswith("harmful")]
+    if len(keys) != 1:
+        raise ReportError(f"expected one harmful set in the over-refusal rates, found {keys}")
+    return keys[0]
 
 
 ANSWERS: dict[str, Callable[[dict], str | None]] = {
@@ -299,6 +308,11 @@ def selection_page(report: dict) -> str:
     return "\n".join(lines)
 
 
+OVER_REFUSAL_SETS = {"look_risky": "look-risky", "look_risky_refusal_pairs": "look-risky (`refusal-pairs`)",
+                     "harmful_all": "harmful",
+                     "harmless": "plain harmless"}
+
+
 def over_refusal_page(report: dict) -> str:
     """The over-refusal step's outcome: the gate, the pick and the held-out rates with CIs."""
     over = report.get("over_refusal")
@@ -311,18 +325,17 @@ def over_refusal_page(report: dict) -> str:
         lines.append(f"- Selection: {over['selection_failed']}")
     if "selected" in over:
         s = over["selected"]
-        lines.append(f"- False-refusal vector: position {sign(s['pos'])}, layer {s['layer']}, λ = {s['lambda']:g}.")
-    names = {"look_risky": "look-risky", "look_risky_refusal_pairs": "look-risky (`refusal-pairs`)",
-             "harmful_all": "harmful (requests and twins)", "harmless": "plain harmless"}
+        share = next((s[key] for key in ("lambda", "orthogonalize", "ortho_share") if key in s), None)
+        share = "" if share is None else f", λ = {share:g}"
+        lines.append(f"- False-refusal vector: position {sign(s['pos'])}, layer {s['layer']}{share}.")
     for split in ("holdout", "test"):
         result = over.get(split)
         if not result:
             continue
         lines += ["", f"| {split} prompts | unmodified | false-refusal vector ablated |", "| --- | --- | --- |"]
-        for name, label in names.items():
-            if name in result["refusal_rate"]:
-                r = result["refusal_rate"][name]
-                lines.append(f"| {label} | {rate_entry(r['baseline'])} | {rate_entry(r['ablated'])} |")
+        for name, r in result["refusal_rate"].items():
+            label = OVER_REFUSAL_SETS.get(name, name.replace("_", " "))
+            lines.append(f"| {label} | {rate_entry(r['baseline'])} | {rate_entry(r['ablated'])} |")
         kl = result["kl_harmless"]
         null = kl.get("null") or {}
         tail = (f" against a median of {null['median']:.3f} (range {null['min']:.3f}–{null['max']:.3f}) for "
