@@ -179,7 +179,7 @@ def results_box(report: dict) -> str:
 def run_time(report: dict) -> str:
     """How long the job behind the results took, from the report's per-step ``seconds``."""
     seconds = need(report, "seconds")
-    steps = ", ".join(f"{name} {value / 60:.0f}" for name, value in seconds.items() if value >= 60)
+    steps = ", ".join(f"{name.replace('_', ' ')} {value / 60:.0f}" for name, value in seconds.items() if value >= 60)
     return (f"The run behind the results below took {sum(seconds.values()) / 60:.0f} minutes for the job "
             f"(install excluded; minutes per step: {steps}), as its `report.json` records.")
 

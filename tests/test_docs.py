@@ -192,7 +192,7 @@ def _fake_executed_notebook(path: Path) -> None:
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     """The site built with ``mkdocs build --strict`` from a copy of the repository's docs (plus one small
-    executed notebook when docs/notebooks/ holds none), as ``(site folder, notebook page paths)``."""
+    executed notebook when docs/notebooks/ holds none), as ``(site folder, pages of notebooks with a PNG figure)``."""
     root = tmp_path_factory.mktemp("docs-build")
     shutil.copytree(ROOT / "docs", root / "docs", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "mkdocs.yml", root / "mkdocs.yml")
@@ -206,7 +206,8 @@ def site(tmp_path_factory):
     done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)], cwd=root,
                           capture_output=True, text=True, timeout=600, env={**_env(), "NO_MKDOCS_2_WARNING": "1"})
     assert done.returncode == 0, done.stderr[-4000:]
-    return out, sorted(f"notebooks/{p.stem}/" for p in notebooks.glob("*.ipynb"))
+    with_figures = [p for p in sorted(notebooks.glob("*.ipynb")) if '"image/png"' in p.read_text()]
+    return out, [f"notebooks/{p.stem}/" for p in with_figures]
 
 
 def _env() -> dict:
@@ -217,9 +218,12 @@ def _env() -> dict:
 
 def test_site_builds_strict_with_every_page(site):
     out, notebook_pages = site
+    assert notebook_pages, "no executed notebook with a PNG figure in docs/notebooks/"
     for page in ("", "results/", "paper/", "models/", "gpu/", "frontier/", "notebooks/", "benchmarks/", "data/",
                  "architecture/", "api/", *notebook_pages):
         assert (out / page / "index.html").is_file(), page
+    executed = sorted(p.stem for p in (ROOT / "docs" / "notebooks").glob("*.ipynb"))
+    assert all((out / "notebooks" / stem / "index.html").is_file() for stem in executed)
     api = (out / "api" / "index.html").read_text()
     assert 'id="refusal_lens.stats.wilson_ci"' in api and 'id="refusal_lens.load_model"' in api
     assert (out / "figures" / "refusal_rates.png").stat().st_size > 0
