@@ -281,12 +281,14 @@ def selection_page(report: dict) -> str:
     """The results page's selection section: data sizes, the rule, the pick, the random-direction null."""
     lines = []
     data = report.get("data") or {}
-    for split in ("train", "val"):
+    n_val = (report.get("config") or {}).get("n_val")
+    for split, use in (("train", "directions from all of them"),
+                       ("val", f"the selection scores the first {n_val} per side" if n_val else "")):
         if split in data:
             d = data[split]
-            lines.append(f"- `{split}`: {d['n_harmful']} harmful / {d['n_harmless']} harmless prompts used, of "
-                         f"{d['before_filter']['n_harmful']} / {d['before_filter']['n_harmless']} before the "
-                         "refusal filter.")
+            lines.append(f"- `{split}`: {d['n_harmful']} harmful / {d['n_harmless']} harmless prompts pass the "
+                         f"refusal filter, of {d['before_filter']['n_harmful']} / {d['before_filter']['n_harmless']}"
+                         + (f"; {use}." if use else "."))
     sel = need(report, "selected")
     lines.append(f"- Pick: position {sign(sel['pos'])}, layer {sel['layer']}, by the rule *{sel.get('how', '—')}*.")
     if "bypass" in sel:
@@ -311,6 +313,12 @@ def selection_page(report: dict) -> str:
 OVER_REFUSAL_SETS = {"look_risky": "look-risky", "look_risky_refusal_pairs": "look-risky (`refusal-pairs`)",
                      "harmful_all": "harmful",
                      "harmless": "plain harmless"}
+
+
+CRITERIA = {"look_risky_halved": "look-risky refusal at least halved",
+            "look_risky_refusal_pairs_halved": "look-risky (`refusal-pairs`) refusal at least halved",
+            "harmful_kept_90pct": "harmful refusal at least 90% of baseline",
+            "harmless_not_increased": "plain harmless refusal not increased"}
 
 
 def over_refusal_page(report: dict) -> str:
@@ -343,8 +351,9 @@ def over_refusal_page(report: dict) -> str:
         lines += ["", f"KL on the plain harmless {split} prompts: {kl['mean']:.3f} nats{tail}."]
         checks = result.get("acceptance") or {}
         if checks:
-            lines.append("Pre-registered checks: " + ", ".join(
-                f"{name.replace('_', ' ')} **{'met' if ok else 'not met'}**" for name, ok in checks.items()) + ".")
+            lines.append(("The pre-registered criteria: " if split == "holdout" else "The same criteria here: ")
+                         + "; ".join(f"{CRITERIA.get(name, name.replace('_', ' '))} **{'met' if ok else 'not met'}**"
+                                     for name, ok in checks.items()) + ".")
     return "\n".join(lines)
 
 
