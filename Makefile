@@ -6,12 +6,13 @@
 #   make lab      JupyterLab on the notebooks, in the same .venv
 #   make report   execute every notebook on the main job's run into docs/notebooks/*.html (about 15 minutes)
 #   make figures  refresh the committed figures/ from the main job's run and notebooks 04-06 (about 15 minutes)
+#   make docs     the documentation site, offline, into site/ (checks README's results against the run first)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run over-refusal test lab report figures clean-venv
+.PHONY: run over-refusal test lab report figures docs clean-venv
 
 $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -57,6 +58,12 @@ lab: $(STAMP)
 report: $(STAMP)
 	test -f $(RUN_DIR)/report.json || { echo "run 'make run' first: the pages read $(RUN_DIR)"; exit 1; }
 	HF_HUB_OFFLINE=1 $(BIN)/python notebooks/render_html.py --runs runs --out docs/notebooks
+
+# README.md's and the docs pages' result blocks must equal the main job's report.json where a run exists
+# (`python docs/gen_results.py` rewrites them); the site builds offline, strict: a broken link fails it.
+docs: $(STAMP)
+	test ! -f $(RUN_DIR)/report.json || $(BIN)/python docs/gen_results.py --check
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 clean-venv:
 	rm -rf $(VENV)

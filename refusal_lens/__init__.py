@@ -6,8 +6,8 @@ public function and class below, and the submodules ``rl.stats``, ``rl.plots``,
 ``rl.attribution``, ``rl.subspace``, ``rl.suffix``, ``rl.base_vs_chat``,
 ``rl.metrics``, ``rl.selection``, ``rl.judge``, ``rl.runs``, ``rl.pipeline``, ``rl.organism``, ``rl.over_refusal``,
 ``rl.torch_engine`` and ``rl.evals``
-(imported on first use). The README's API section lists ``__all__`` with one
-line each (a test keeps the two in step).
+(imported on first use). The docs' API reference (``docs/api.md``) documents each name in ``__all__`` from
+its docstring (a test keeps the two in step).
 """
 
 from importlib.metadata import PackageNotFoundError

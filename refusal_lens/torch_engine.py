@@ -2,8 +2,8 @@
 
 Why: ``rl.generate`` runs Hugging Face ``generate`` on the bridge's wrapped model, so every decode step pays
 for TransformerLens' per-component wrappers (HookPoints, re-implemented attention and norms, kwarg
-filtering) even when only a few residual-stream sites are hooked. BENCHMARKS.md measured that at 0.5-0.6x
-plain HF ``generate`` on an H100. Here :func:`plain_hf` temporarily puts every wrapped HF module back in
+filtering) even when only a few residual-stream sites are hooked (BENCHMARKS.md has the ratio to plain HF
+``generate``). Here :func:`plain_hf` temporarily puts every wrapped HF module back in
 its parent (the bridge is restored on exit, also when the body raises) and turns each ``(hook_name, fn)``
 pair into a torch forward(-pre) hook on the HF module whose input or output that bridge HookPoint reads:
 

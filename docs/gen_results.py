@@ -1,0 +1,448 @@
+"""Generate the result blocks of README.md and the docs pages from the main job's ``report.json``.
+
+Every number a reader sees on the front page and on the results pages comes from a file a run wrote:
+the main job's ``runs/<model>/report.json`` and the organism's ``refusal_lens/data/organism/behaviour.json``.
+Each generated block sits between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` markers; this script
+rewrites what lies between them, and ``--check`` fails (exit 1, naming the blocks) when a file differs from
+what the report gives, so a README that no longer matches its run cannot land.
+
+    python docs/gen_results.py                  # rewrite the blocks from runs/smollm2-135m-refusal/report.json
+    python docs/gen_results.py --check          # exit 1 when README.md or a docs page differs
+    python docs/gen_results.py --report PATH    # another run's report
+
+Rates are shares of prompts the substring judge calls refusals; counts are ``round(rate * n)``, intervals are
+Wilson 95% intervals (``rl.stats.wilson_ci``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_REPORT = ROOT / "runs" / "smollm2-135m-refusal" / "report.json"
+BEHAVIOUR = ROOT / "refusal_lens" / "data" / "organism" / "behaviour.json"
+
+# The notebooks, in order: (file stem, the question it answers, the report entry that answers it or None).
+NOTEBOOKS = [
+    ("00_quickstart", "Is refusal one direction? Extract it, ablate it, add it, in a few minutes.", None),
+    ("01_extract", "Where do harmful and harmless prompts separate, and how stably?", "separability"),
+    ("02_select", "Which candidate does the paper's rule pick, and what does its KL cost against random "
+                  "directions?", "selection"),
+    ("03_intervene", "What do ablation, subtraction and addition do to refusal, KL, CE and capability?",
+     "interventions"),
+    ("04_heads", "Which attention heads write the direction, and does an adversarial suffix hijack them?", None),
+    ("05_base_vs_chat", "Does the direction exist before safety tuning?", None),
+    ("06_subspace", "One direction or a subspace: how many dimensions does removing refusal take?", None),
+    ("07_over_refusal", "Can a false-refusal vector remove over-refusal of harmless requests that look risky, "
+                        "and at what cost to true refusal?", "over_refusal"),
+    ("08_frontier", "What stays open: the experiments that would settle what the organism cannot.", None),
+]
+
+
+class ReportError(ValueError):
+    """The report lacks an entry a block needs; the message names it and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# formatting
+
+
+def wilson(k: int, n: int) -> tuple[float, float]:
+    """Wilson 95% interval of ``k / n`` (the package's ``rl.stats.wilson_ci``)."""
+    sys.path.insert(0, str(ROOT))
+    from refusal_lens.stats import wilson_ci
+
+    return wilson_ci(k, n)
+
+
+def count(rate: float, n: int) -> int:
+    """The number of refusals behind a rounded ``rate`` of ``n`` prompts; raises when no whole count fits."""
+    k = round(rate * n)
+    if abs(k / n - rate) > 5e-4:
+        raise ReportError(f"rate {rate} is not a whole count of n = {n} prompts: the report and its n disagree")
+    return k
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def rate_ci(rate: float, n: int) -> str:
+    """``97.3% [90.8, 99.3] (73/75)``: the rate, its Wilson 95% interval in percent, the count."""
+    k = count(rate, n)
+    low, high = wilson(k, n)
+    return f"{pct(rate)} [{100 * low:.1f}, {100 * high:.1f}] ({k}/{n})"
+
+
+def rate_entry(entry: dict) -> str:
+    """An over-refusal rate entry (``rate``, ``ci_low``, ``ci_high``, ``refused``, ``n``) as text."""
+    return f"{pct(entry['rate'])} [{100 * entry['ci_low']:.1f}, {100 * entry['ci_high']:.1f}] " \
+           f"({entry['refused']}/{entry['n']})"
+
+
+def sign(x: int | None) -> str:
+    """A position index with a real minus sign."""
+    return "—" if x is None else (f"−{-x}" if x < 0 else str(x))
+
+
+def need(report: dict, *keys: str):
+    """``report[k0][k1]...``, or a :class:`ReportError` naming the missing entry."""
+    value = report
+    for i, key in enumerate(keys):
+        if not isinstance(value, dict) or key not in value:
+            raise ReportError(f"report.json has no {'.'.join(keys[: i + 1])}: regenerate it with `make run`")
+        value = value[key]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# blocks
+
+
+def _setting(report: dict) -> str:
+    sel, n = need(report, "selected"), need(report, "n_test")
+    tokens = report.get("config", {}).get("max_new_tokens")
+    tokens = f", {tokens} new tokens" if tokens else ""
+    return (f"`{need(report, 'model', 'spec')}`; the held-out `test` split, {n['harmful']} harmful and "
+            f"{n['harmless']} harmless prompts; greedy decoding{tokens}; the paper's substring judge; the direction "
+            f"at position {sign(sel['pos'])}, layer {sel['layer']}, chosen on `val`")
+
+
+def _rates_table(report: dict) -> str:
+    rates, n, layer = need(report, "refusal_rate"), need(report, "n_test"), need(report, "selected", "layer")
+    rows = [("harmful, unmodified", "harmful_baseline", "harmful"),
+            ("harmful, direction ablated at every layer", "harmful_ablated", "harmful"),
+            (f"harmful, direction subtracted at layer {layer}", "harmful_subtracted", "harmful"),
+            ("harmless, unmodified", "harmless_baseline", "harmless"),
+            (f"harmless, direction added at layer {layer}", "harmless_added", "harmless")]
+    missing = [key for _, key, _ in rows if key not in rates]
+    if missing:
+        raise ReportError(f"report.json's refusal_rate lacks {missing}: regenerate it with `make run`")
+    lines = ["| test prompts | refused (95% Wilson CI) |", "| --- | ---: |"]
+    lines += [f"| {label} | {rate_ci(rates[key], n[side])} |" for label, key, side in rows]
+    return "\n".join(lines)
+
+
+def _kl_ratio(report: dict) -> tuple[float, float, float] | None:
+    """(the pick's val KL, the random directions' median, their ratio), or None without both."""
+    sel, null = report.get("selected") or {}, report.get("kl_random_directions")
+    if "kl" not in sel or not null or not null.get("median"):
+        return None
+    return sel["kl"], null["median"], sel["kl"] / null["median"]
+
+
+def verdict(report: dict) -> str:
+    """One plain sentence (two clauses) of what replicates and what does not, worded from the numbers."""
+    rates, layer = need(report, "refusal_rate"), need(report, "selected", "layer")
+    base, ablated, subtracted = rates["harmful_baseline"], rates["harmful_ablated"], rates["harmful_subtracted"]
+    induced = rates["harmless_added"] >= 0.5 and rates["harmless_added"] > rates["harmless_baseline"]
+    removed_by = [name for name, r in (("ablation", ablated), ("subtraction", subtracted)) if r <= 0.1 * base]
+    replicates = [f"adding the direction at layer {layer} makes the model refuse harmless requests "
+                  f"({pct(rates['harmless_baseline'])} → {pct(rates['harmless_added'])})" if induced else None]
+    fails = [] if induced else [f"adding the direction barely induces refusal ({pct(rates['harmless_baseline'])} → "
+                                f"{pct(rates['harmless_added'])})"]
+    if "subtraction" in removed_by:
+        replicates.append(f"subtracting it there removes refusal of harmful ones ({pct(base)} → {pct(subtracted)})")
+    else:
+        fails.append(f"subtracting it at its layer leaves {pct(subtracted)} of harmful requests refused")
+    if "ablation" in removed_by:
+        replicates.append(f"ablating it at every layer removes refusal ({pct(base)} → {pct(ablated)})")
+    else:
+        fails.append(f"ablating it at every layer, the paper's headline intervention, only takes refusal from "
+                     f"{pct(base)} to {pct(ablated)}")
+    kl = _kl_ratio(report)
+    how = report["selected"].get("how") or ""
+    if "fallback" in how and kl:
+        fails.append(f"no candidate passes the paper's KL filter: the pick costs {kl[0]:.2f} nats on `val`, "
+                     f"{kl[2]:.1f}× the median of random directions ({kl[1]:.2f})")
+    replicates = [r for r in replicates if r]
+    text = "**What replicates:** " + ("; ".join(replicates) if replicates else "none of the paper's effects") + ". "
+    text += "**What does not:** " + ("; ".join(fails) if fails else "nothing measured here departs from the paper")
+    return text + "."
+
+
+def results_box(report: dict) -> str:
+    """The README's and the front page's results box."""
+    return "\n".join([
+        f"On the organism: {_setting(report)}.", "",
+        _rates_table(report), "",
+        "![Refusal with and without the direction](figures/refusal_rates.png)", "",
+        verdict(report),
+    ])
+
+
+def run_time(report: dict) -> str:
+    """How long the job behind the results took, from the report's per-step ``seconds``."""
+    seconds = need(report, "seconds")
+    steps = ", ".join(f"{name.replace('_', ' ')} {value / 60:.0f}" for name, value in seconds.items() if value >= 60)
+    return (f"The run behind the results below took {sum(seconds.values()) / 60:.0f} minutes for the job "
+            f"(install excluded; minutes per step: {steps}), as its `report.json` records.")
+
+
+def _separability(report: dict) -> str:
+    peak = need(report, "cohens_d_peak")
+    text = f"Cohen's d on test peaks at {peak['d']:.2f} (position {sign(peak['pos'])}, layer {peak['layer']})"
+    if "cohens_d_selected" in report:
+        text += f"; the selected direction's d is {report['cohens_d_selected']:.2f}"
+    return text
+
+
+def _selection(report: dict) -> str:
+    sel = need(report, "selected")
+    text = f"position {sign(sel['pos'])}, layer {sel['layer']}"
+    kl = _kl_ratio(report)
+    if kl:
+        text += f"; KL {kl[0]:.2f} nats on val, {kl[2]:.1f}× random directions' median"
+    return text
+
+
+def _interventions(report: dict) -> str:
+    rates = need(report, "refusal_rate")
+    return (f"harmful refusal {pct(rates['harmful_baseline'])} → {pct(rates['harmful_ablated'])} ablated, "
+            f"{pct(rates['harmful_subtracted'])} subtracted; harmless {pct(rates['harmless_baseline'])} → "
+            f"{pct(rates['harmless_added'])} added")
+
+
+def _over_refusal(report: dict) -> str | None:
+    over = report.get("over_refusal") or {}
+    result = over.get("holdout") or over.get("test")
+    if not result:
+        return None
+    rates = result["refusal_rate"]
+    look, harmful = rates["look_risky"], rates[_harmful_key(rates)]
+    return (f"look-risky refusal on the {result['split']} prompts {pct(look['baseline']['rate'])} → "
+            f"{pct(look['ablated']['rate'])}, harmful {pct(harmful['baseline']['rate'])} → "
+            f"{pct(harmful['ablated']['rate'])}")
+
+
+def _harmful_key(rates: dict) -> str:
+    """The over-refusal evaluation's harmful set: ``harmful_all`` (the requests and their look-risky rewordings'
+    harmful counterparts), whatever the report calls it."""
+    keys = [key for key in rates if key.startswith("harmful")]
+    if len(keys) != 1:
+        raise ReportError(f"expected one harmful set in the over-refusal rates, found {keys}")
+    return keys[0]
+
+
+ANSWERS: dict[str, Callable[[dict], str | None]] = {
+    "separability": _separability, "selection": _selection, "interventions": _interventions,
+    "over_refusal": _over_refusal}
+
+
+def notebook_map(report: dict, *, prefix: str) -> str:
+    """One line per notebook: its question and its answer (from the report, or a link to the executed copy).
+
+    ``prefix``: the path from the page to ``docs/notebooks/`` (``docs/notebooks/`` from the README).
+    """
+    lines = ["| notebook | question | answer |", "| --- | --- | --- |"]
+    for stem, question, key in NOTEBOOKS:
+        link = f"{prefix}{stem}.ipynb"
+        answer = ANSWERS[key](report) if key else None
+        shown = answer if answer else "in the executed notebook's outputs"
+        lines.append(f"| [`{stem}`]({link}) | {question} | {shown} |")
+    return "\n".join(lines)
+
+
+def interventions_page(report: dict) -> str:
+    """The results page's intervention section: rates with CIs, KL, CE, orthogonalization, capability."""
+    lines = [_rates_table(report), "", f"Setting: {_setting(report)}."]
+    lines += ["", f"- KL of the next token on harmless test prompts, direction ablated: "
+                  f"{need(report, 'kl_ablation_harmless_mean'):.3f} nats."]
+    ce = report.get("ce_harmless_replies") or {}
+    if "skipped" not in ce and ce:
+        lines.append(f"- Cross-entropy of the model's own harmless replies, reply tokens only (nats/token): "
+                     f"{ce['baseline']:.3f} unmodified, {ce['ablated']:.3f} ablated, {ce['subtracted']:.3f} "
+                     f"subtracted, {ce['added']:.3f} added.")
+    if "orthogonalized_vs_hooks_max_logit_diff" in report:
+        lines.append(f"- Orthogonalized weights vs hook ablation: max logit difference "
+                     f"{report['orthogonalized_vs_hooks_max_logit_diff']:.1e}.")
+    table = (report.get("capability") or {}).get("table") or []
+    if table:
+        lines += ["", "| capability task | condition | acc | acc_norm |", "| --- | --- | ---: | ---: |"]
+        for row in table:
+            norm = f"{row['acc_norm']:.3f}" if "acc_norm" in row else "—"
+            lines.append(f"| `{row['task']}` | {row['condition']} | {row['acc']:.3f} ± {row['acc_stderr']:.3f} "
+                         f"| {norm} |")
+    sweep = report.get("alpha_sweep")
+    if sweep and "alpha" in sweep:
+        score = sweep.get("refusal_score")
+        if score:
+            pairs = ", ".join(f"α {a:g}: {s:+.2f}" for a, s in zip(sweep["alpha"], score))
+            lines += ["", f"- Mean refusal score of harmful prompts as a share α of the direction is removed: {pairs}."]
+    return "\n".join(lines)
+
+
+def selection_page(report: dict) -> str:
+    """The results page's selection section: data sizes, the rule, the pick, the random-direction null."""
+    lines = []
+    data = report.get("data") or {}
+    n_val = (report.get("config") or {}).get("n_val")
+    for split, use in (("train", "directions from all of them"),
+                       ("val", f"the selection scores the first {n_val} per side" if n_val else "")):
+        if split in data:
+            d = data[split]
+            lines.append(f"- `{split}`: {d['n_harmful']} harmful / {d['n_harmless']} harmless prompts pass the "
+                         f"refusal filter, of {d['before_filter']['n_harmful']} / {d['before_filter']['n_harmless']}"
+                         + (f"; {use}." if use else "."))
+    sel = need(report, "selected")
+    lines.append(f"- Pick: position {sign(sel['pos'])}, layer {sel['layer']}, by the rule *{sel.get('how', '—')}*.")
+    if "bypass" in sel:
+        lines.append(f"- On val: bypass {sel['bypass']:.2f}, induce {sel['induce']:.2f}, KL {sel['kl']:.3f} nats; "
+                     f"the same rule picks it in {pct(sel['bootstrap_win_rate'])} of bootstrap resamples of the "
+                     "val prompts.")
+    null = report.get("kl_random_directions")
+    if null:
+        lines.append(f"- KL of ablating {null['n']} random unit directions on the same val prompts: median "
+                     f"{null['median']:.3f} nats (range {null['min']:.3f}–{null['max']:.3f}); "
+                     f"{pct(null['share_below_0.1'])} of them fall under the paper's absolute 0.1.")
+    kl = _kl_ratio(report)
+    if kl:
+        lines.append(f"- The pick's KL is {kl[2]:.1f}× that median.")
+    if "cohens_d_peak" in report:
+        lines.append(f"- Separability on test: {_separability(report)}.")
+    if "split_half_cosine_selected" in report:
+        lines.append(f"- Split-half cosine of the selected direction: {report['split_half_cosine_selected']:.2f}.")
+    return "\n".join(lines)
+
+
+OVER_REFUSAL_SETS = {"look_risky": "look-risky", "look_risky_refusal_pairs": "look-risky (`refusal-pairs`)",
+                     "harmful_all": "harmful",
+                     "harmless": "plain harmless"}
+
+
+CRITERIA = {"look_risky_halved": "look-risky refusal at least halved",
+            "look_risky_refusal_pairs_halved": "look-risky (`refusal-pairs`) refusal at least halved",
+            "harmful_kept_90pct": "harmful refusal at least 90% of baseline",
+            "harmless_not_increased": "plain harmless refusal not increased"}
+
+
+def over_refusal_page(report: dict) -> str:
+    """The over-refusal step's outcome: the gate, the pick and the held-out rates with CIs."""
+    over = report.get("over_refusal")
+    if not over:
+        return "The run did not include the over-refusal step (`--no-over-refusal`)."
+    gate = over["look_risky_val_refusal"]
+    lines = [f"- Gate: look-risky val refusal {pct(gate['rate'])} ({gate['refused']}/{gate['n']}) against a "
+             f"threshold of {pct(over['threshold'])}; the step {'ran' if over['ran'] else 'stopped there'}."]
+    if "selection_failed" in over:
+        lines.append(f"- Selection: {over['selection_failed']}")
+    if "selected" in over:
+        s = over["selected"]
+        share = next((s[key] for key in ("lambda", "orthogonalize", "ortho_share") if key in s), None)
+        share = "" if share is None else f", λ = {share:g}"
+        lines.append(f"- False-refusal vector: position {sign(s['pos'])}, layer {s['layer']}{share}.")
+    for split in ("holdout", "test"):
+        result = over.get(split)
+        if not result:
+            continue
+        lines += ["", f"| {split} prompts | unmodified | false-refusal vector ablated |", "| --- | --- | --- |"]
+        for name, r in result["refusal_rate"].items():
+            label = OVER_REFUSAL_SETS.get(name, name.replace("_", " "))
+            lines.append(f"| {label} | {rate_entry(r['baseline'])} | {rate_entry(r['ablated'])} |")
+        kl = result["kl_harmless"]
+        null = kl.get("null") or {}
+        tail = (f" against a median of {null['median']:.3f} (range {null['min']:.3f}–{null['max']:.3f}) for "
+                f"{null['n']} random directions") if null else ""
+        lines += ["", f"KL on the plain harmless {split} prompts: {kl['mean']:.3f} nats{tail}."]
+        checks = result.get("acceptance") or {}
+        if checks:
+            lines.append(("The pre-registered criteria: " if split == "holdout" else "The same criteria here: ")
+                         + "; ".join(f"{CRITERIA.get(name, name.replace('_', ' '))} **{'met' if ok else 'not met'}**"
+                                     for name, ok in checks.items()) + ".")
+    return "\n".join(lines)
+
+
+def organism_table(behaviour: dict) -> str:
+    """The organism's behaviour report (``refusal-lens organism eval``) as a table with Wilson CIs."""
+    labels = {"project_test_harmful": "project test split, harmful", "advbench": "AdvBench, harmful",
+              "project_test_harmless": "project test split, harmless",
+              "project_test_look_risky": "of which look-risky", "alpaca_harmless_val": "Alpaca val, harmless"}
+    judge = behaviour["judge"]
+    lines = [f"| held-out prompts (greedy, {judge['max_new_tokens']} tokens, substring judge) | organism refuses |",
+             "| --- | ---: |"]
+    for key, rate in behaviour["refusal_rate"].items():
+        lines.append(f"| {labels.get(key, key)} | {rate_ci(rate, behaviour['n'][key])} |")
+    if "kl_base_to_tuned_harmless" in behaviour:
+        lines += ["", f"Next-token KL(untuned ‖ organism) on harmless prompts: "
+                      f"{behaviour['kl_base_to_tuned_harmless']:.2f} nats."]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# files
+
+
+def blocks(report: dict, behaviour: dict) -> dict[str, dict[str, str]]:
+    """Relative file path -> block name -> generated text."""
+    return {
+        "README.md": {"run-time": run_time(report), "results": results_box(report),
+                      "notebooks": notebook_map(report, prefix="docs/notebooks/")},
+        "docs/index.md": {"results": results_box(report), "notebooks": notebook_map(report, prefix="notebooks/")},
+        "docs/results.md": {"selection": selection_page(report), "interventions": interventions_page(report),
+                            "over-refusal": over_refusal_page(report)},
+        "docs/models.md": {"organism": organism_table(behaviour)},
+    }
+
+
+def replace_block(text: str, name: str, content: str) -> str:
+    """``text`` with what lies between ``<!-- name:begin -->`` and ``<!-- name:end -->`` replaced by ``content``."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    if len(pattern.findall(text)) != 1 or text.count(begin) != 1:
+        raise ReportError(f"expected exactly one '{begin}' ... '{end}' pair")
+    return pattern.sub(lambda _: f"{begin}\n{content}\n{end}", text)
+
+
+def render(report: dict, behaviour: dict, root: Path | None = None) -> dict[Path, str]:
+    """Each file under ``root`` (the repository) that holds blocks -> its text with every block regenerated."""
+    root, out = root or ROOT, {}
+    for rel, named in blocks(report, behaviour).items():
+        path = root / rel
+        text = path.read_text()
+        for name, content in named.items():
+            try:
+                text = replace_block(text, name, content)
+            except ReportError as e:
+                raise ReportError(f"{rel}: {e}") from None
+        out[path] = text
+    return out
+
+
+def stale(report: dict, behaviour: dict, root: Path | None = None) -> list[str]:
+    """Files under ``root`` (the repository) whose blocks differ from what ``report`` and ``behaviour`` give."""
+    root = root or ROOT
+    return [str(path.relative_to(root)) for path, text in render(report, behaviour, root).items()
+            if path.read_text() != text]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--report", type=Path, default=DEFAULT_REPORT, help="the main job's report.json")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a file differs; write nothing")
+    args = parser.parse_args(argv)
+    if not args.report.is_file():
+        print(f"no {args.report}: run `make run` first (the blocks are generated from its report.json)",
+              file=sys.stderr)
+        return 2
+    report, behaviour = json.loads(args.report.read_text()), json.loads(BEHAVIOUR.read_text())
+    if args.check:
+        differ = stale(report, behaviour)
+        if differ:
+            print(f"{', '.join(differ)} differ from {args.report}: run `python docs/gen_results.py` and commit",
+                  file=sys.stderr)
+            return 1
+        print(f"README.md and the docs pages match {args.report}")
+        return 0
+    for path, text in render(report, behaviour).items():
+        path.write_text(text)
+    print(f"regenerated the result blocks from {args.report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""The README and the documentation site: result blocks generated from a run's report, a strict offline build,
+and pages that render their figures in a headless browser without a console error."""
+
+import asyncio
+import base64
+import functools
+import http.server
+import importlib.util
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MAIN_REPORT = ROOT / "runs" / "smollm2-135m-refusal" / "report.json"
+HISTORY = re.compile(r"issue [0-9]+|previous release|no GPU was lent|earlier (run|session)|Measured 20[0-9]{2}-")
+
+
+def _load_generator():
+    spec = importlib.util.spec_from_file_location("gen_results", ROOT / "docs" / "gen_results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gen = _load_generator()
+
+
+def _wilson(k: int, n: int) -> tuple[float, float]:
+    """Wilson 95% interval written out independently of the package (z = 1.959964)."""
+    z, p = 1.959963984540054, k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _rate(k: int, n: int) -> dict:
+    low, high = _wilson(k, n)
+    return {"rate": round(k / n, 4), "ci_low": round(low, 4), "ci_high": round(high, 4), "refused": k, "n": n}
+
+
+def synthetic_report(*, ablated: int = 38) -> dict:
+    """A report.json with the keys the main job writes (counts over n = 75 harmful / 96 harmless test prompts)."""
+    return {
+        "model": {"spec": "organism-x"},
+        "config": {"max_new_tokens": 48, "filter_by_refusal": True},
+        "data": {split: {"n_harmful": h, "n_harmless": b, "before_filter": {"n_harmful": h + 3, "n_harmless": b + 2}}
+                 for split, h, b in (("train", 90, 120), ("val", 24, 24), ("test", 75, 96))},
+        "cohens_d_peak": {"pos": -1, "layer": 7, "d": 2.5}, "cohens_d_selected": 2.25,
+        "split_half_cosine_selected": 0.97,
+        "selected": {"pos": -2, "layer": 11, "bypass": -1.5, "induce": 4.25, "kl": 0.3, "bootstrap_win_rate": 0.9,
+                     "how": "fallback lowest-kl: lowest KL among candidates with bypass < 0 and induce >= min"},
+        "kl_random_directions": {"n": 16, "median": 0.12, "min": 0.03, "max": 1.5, "share_below_0.1": 0.375},
+        "refusal_rate": {"harmful_baseline": round(73 / 75, 4), "harmful_ablated": round(ablated / 75, 4),
+                         "harmful_subtracted": 0.0, "harmless_baseline": round(6 / 96, 4),
+                         "harmless_added": round(92 / 96, 4)},
+        "n_test": {"harmful": 75, "harmless": 96},
+        "kl_ablation_harmless_mean": 0.45,
+        "ce_harmless_replies": {"baseline": 0.6, "ablated": 0.75, "subtracted": 1.0, "added": 1.25, "n_replies": 90},
+        "orthogonalized_vs_hooks_max_logit_diff": 2e-4,
+        "capability": {"table": [{"task": "mc", "condition": "baseline", "acc": 0.75, "acc_stderr": 0.05}],
+                       "skipped": {}},
+        "alpha_sweep": {"alpha": [0.0, 1.0], "refusal_score": [4.0, -2.0]},
+        "seconds": {"filter": 30.0, "extraction": 90.0, "selection": 1500.0, "interventions": 420.0},
+        "over_refusal": {
+            "threshold": 0.1, "ran": True, "look_risky_val_refusal": {"rate": 0.1842, "refused": 14, "n": 76},
+            "selected": {"pos": -1, "layer": 9, "lambda": 1.0},
+            "holdout": {"split": "holdout",
+                        "refusal_rate": {"look_risky": {"baseline": _rate(46, 168), "ablated": _rate(17, 168)},
+                                         "harmful_all": {"baseline": _rate(53, 56), "ablated": _rate(48, 56)},
+                                         "harmless": {"baseline": _rate(2, 48), "ablated": _rate(0, 48)}},
+                        "kl_harmless": {"mean": 0.13, "null": {"n": 16, "median": 0.09, "min": 0.03, "max": 1.2}},
+                        "acceptance": {"look_risky_halved": True, "harmful_kept_90pct": True}}},
+    }
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """A copy of the files that hold generated blocks."""
+    for rel in gen.blocks(synthetic_report(), json.loads(gen.BEHAVIOUR.read_text())):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / rel, tmp_path / rel)
+    return tmp_path
+
+
+def test_result_blocks_are_regenerated_from_a_report_and_the_check_catches_a_changed_number(tree):
+    behaviour = json.loads(gen.BEHAVIOUR.read_text())
+    report = synthetic_report()
+    for path, text in gen.render(report, behaviour, tree).items():
+        path.write_text(text)
+    assert gen.stale(report, behaviour, tree) == []
+    readme = (tree / "README.md").read_text()
+    box = readme.split("<!-- results:begin -->")[1].split("<!-- results:end -->")[0]
+    low, high = _wilson(38, 75)
+    assert f"| harmful, direction ablated at every layer | 50.7% [{100 * low:.1f}, {100 * high:.1f}] (38/75) |" in box
+    assert "| harmful, direction subtracted at layer 11 | 0.0% [0.0, " in box
+    assert "position −2, layer 11" in box and "`organism-x`" in box
+    # the verdict follows the numbers: ablation that halves refusal does not replicate; removal does
+    assert "**What does not:** ablating it at every layer" in box and "97.3% to 50.7%" in box
+    assert f"{0.3 / 0.12:.1f}× the median of random directions" in box
+    removed = synthetic_report(ablated=1)
+    assert gen.stale(removed, behaviour, tree) == ["README.md", "docs/index.md", "docs/results.md"]
+    assert "ablating it at every layer removes refusal (97.3% → 1.3%)" in gen.verdict(removed)
+
+
+def test_check_exits_nonzero_when_the_readme_differs_from_the_report(tree, tmp_path, monkeypatch, capsys):
+    report_path = tmp_path / "report.json"
+    report_path.write_text(json.dumps(synthetic_report()))
+    monkeypatch.setattr(gen, "ROOT", tree)
+    assert gen.main(["--report", str(report_path)]) == 0
+    assert gen.main(["--report", str(report_path), "--check"]) == 0
+    report_path.write_text(json.dumps(synthetic_report(ablated=37)))
+    assert gen.main(["--report", str(report_path), "--check"]) == 1
+    assert "README.md" in capsys.readouterr().err
+    assert gen.main(["--report", str(tmp_path / "absent.json")]) == 2
+
+
+def test_a_rate_that_is_no_whole_count_and_a_missing_entry_are_named():
+    report = synthetic_report()
+    report["refusal_rate"]["harmful_ablated"] = 0.5  # 37.5 of 75 prompts
+    with pytest.raises(gen.ReportError, match="not a whole count of n = 75"):
+        gen.results_box(report)
+    del report["refusal_rate"]
+    with pytest.raises(gen.ReportError, match="no refusal_rate: regenerate it with `make run`"):
+        gen.results_box(report)
+    with pytest.raises(gen.ReportError, match="exactly one '<!-- results:begin -->'"):
+        gen.replace_block("no markers here", "results", "x")
+
+
+@pytest.mark.skipif(not MAIN_REPORT.exists(), reason=f"no {MAIN_REPORT.relative_to(ROOT)}: `make run` writes it")
+def test_readme_and_pages_equal_the_main_jobs_report():
+    report, behaviour = json.loads(MAIN_REPORT.read_text()), json.loads(gen.BEHAVIOUR.read_text())
+    assert gen.stale(report, behaviour) == [], "run `python docs/gen_results.py` and commit README.md and docs/"
+
+
+def test_organism_table_equals_its_behaviour_report():
+    behaviour = json.loads(gen.BEHAVIOUR.read_text())
+    page = (ROOT / "docs" / "models.md").read_text()
+    block = page.split("<!-- organism:begin -->\n")[1].split("\n<!-- organism:end -->")[0]
+    assert block == gen.organism_table(behaviour)
+    n, rate = behaviour["n"]["advbench"], behaviour["refusal_rate"]["advbench"]
+    low, high = _wilson(round(rate * n), n)
+    assert f"{100 * rate:.1f}% [{100 * low:.1f}, {100 * high:.1f}] ({round(rate * n)}/{n})" in block
+
+
+def test_readme_is_a_front_page():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 200
+    assert "make run " in readme and "make test " in readme
+    for stem, _, _ in gen.NOTEBOOKS:
+        assert f"[`{stem}`](docs/notebooks/{stem}.ipynb)" in readme
+    executed = list((ROOT / "docs" / "notebooks").glob("*.ipynb"))
+    for link in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", readme):
+        if link.startswith("docs/notebooks/") and link.endswith(".ipynb") and not executed:
+            continue  # `make report` writes the executed copies; the notebooks' own test requires them
+        assert (ROOT / link).exists(), f"README links {link}, which does not exist"
+
+
+def test_no_history_in_readme_docs_package_or_tests():
+    """What the code does and why; git log holds what was measured when. Files the lead cleans are listed."""
+    pending = {"pipeline.py", "over_refusal.py", "selection.py", "cli.py"}
+    paths = [ROOT / "README.md", *(ROOT / "docs").rglob("*.md"), *(ROOT / "docs").glob("*.py"),
+             *(p for p in (ROOT / "refusal_lens").rglob("*") if p.suffix in {".py", ".md", ".txt", ".yaml"}
+               and p.name not in pending),
+             *(p for p in (ROOT / "tests").rglob("*.py") if p.name != "test_docs.py")]
+    hits = [f"{p.relative_to(ROOT)}:{i}: {line.strip()}" for p in paths
+            for i, line in enumerate(p.read_text().splitlines(), 1) if HISTORY.search(line)]
+    assert not hits, "\n".join(hits)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the built site
+
+
+def _fake_executed_notebook(path: Path) -> None:
+    """A small executed notebook with a PNG output, for a tree where `make report` has not run yet."""
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
+
+    png = base64.b64encode((ROOT / "figures" / "refusal_rates.png").read_bytes()).decode()
+    cell = new_code_cell("rl.plots.refusal_rates(report)", execution_count=1,
+                         outputs=[new_output("display_data", data={"image/png": png, "text/plain": "<Figure>"})])
+    nbformat.write(new_notebook(cells=[new_markdown_cell("# A notebook\n\nIts figure:"), cell]), path)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """The site built with ``mkdocs build --strict`` from a copy of the repository's docs (plus one small
+    executed notebook when docs/notebooks/ holds none), as ``(site folder, pages of notebooks with a PNG figure)``."""
+    root = tmp_path_factory.mktemp("docs-build")
+    shutil.copytree(ROOT / "docs", root / "docs", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "mkdocs.yml", root / "mkdocs.yml")
+    for name in ("refusal_lens", "figures", "BENCHMARKS.md"):
+        (root / name).symlink_to(ROOT / name)
+    notebooks = root / "docs" / "notebooks"
+    if not list(notebooks.glob("*.ipynb")):
+        notebooks.mkdir(exist_ok=True)
+        _fake_executed_notebook(notebooks / "00_fake.ipynb")
+    out = root / "site"
+    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)], cwd=root,
+                          capture_output=True, text=True, timeout=600, env={**_env(), "NO_MKDOCS_2_WARNING": "1"})
+    assert done.returncode == 0, done.stderr[-4000:]
+    with_figures = [p for p in sorted(notebooks.glob("*.ipynb")) if '"image/png"' in p.read_text()]
+    return out, [f"notebooks/{p.stem}/" for p in with_figures]
+
+
+def _env() -> dict:
+    import os
+
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def test_site_builds_strict_with_every_page(site):
+    out, notebook_pages = site
+    assert notebook_pages, "no executed notebook with a PNG figure in docs/notebooks/"
+    for page in ("", "results/", "paper/", "models/", "gpu/", "frontier/", "notebooks/", "benchmarks/", "data/",
+                 "architecture/", "api/", *notebook_pages):
+        assert (out / page / "index.html").is_file(), page
+    executed = sorted(p.stem for p in (ROOT / "docs" / "notebooks").glob("*.ipynb"))
+    assert all((out / "notebooks" / stem / "index.html").is_file() for stem in executed)
+    api = (out / "api" / "index.html").read_text()
+    assert 'id="refusal_lens.stats.wilson_ci"' in api and 'id="refusal_lens.load_model"' in api
+    assert (out / "figures" / "refusal_rates.png").stat().st_size > 0
+
+
+CHECK = """JSON.stringify({
+  plotly: document.querySelectorAll('.js-plotly-plot .main-svg').length,
+  images: Array.from(document.images).map(i => ({src: (i.getAttribute('src') || '').slice(0, 60),
+                                                 loaded: i.complete && i.naturalWidth > 0}))})"""
+
+
+async def _visit(url: str) -> tuple[dict, list[str]]:
+    """Open ``url`` in headless Chromium over CDP: what it rendered, and every console error, uncaught exception,
+    error log entry and failed request."""
+    import choreographer
+
+    problems: list[str] = []
+
+    async def console(message):
+        if message["params"].get("type") in ("error", "assert"):
+            problems.append(f"console: {[a.get('value', a.get('description')) for a in message['params']['args']]}")
+
+    async def exception(message):
+        details = message["params"]["exceptionDetails"]
+        problems.append(f"exception: {details.get('exception', {}).get('description', details['text'])}")
+
+    async def log(message):
+        if message["params"]["entry"]["level"] == "error":
+            entry = message["params"]["entry"]
+            problems.append(f"log: {entry['text']} {entry.get('url', '')}")
+
+    async with choreographer.Browser(path=shutil.which("chromium"), headless=True) as browser:
+        tab = await browser.create_tab("")
+        tab.subscribe("Runtime.consoleAPICalled", console)
+        tab.subscribe("Runtime.exceptionThrown", exception)
+        tab.subscribe("Log.entryAdded", log)
+        for domain in ("Runtime", "Log", "Page"):
+            await tab.send_command(f"{domain}.enable")
+        loaded = tab.subscribe_once("Page.loadEventFired")
+        await tab.send_command("Page.navigate", params={"url": url})
+        await asyncio.wait_for(loaded, 60)
+        await asyncio.sleep(1)  # plotly draws after load
+        result = await tab.send_command("Runtime.evaluate", params={"expression": CHECK, "returnByValue": True})
+    return json.loads(result["result"]["result"]["value"]), problems
+
+
+@pytest.fixture(scope="module")
+def served(site):
+    """The built site over HTTP on localhost, as its base URL."""
+    out, _ = site
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(out))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed (the Makefile installs it "
+                                                             "for kaleido: apt-get install chromium)")
+def test_front_page_and_a_notebook_page_render_their_figures_without_console_errors(site, served):
+    _, notebook_pages = site
+    for page in ("", notebook_pages[0]):
+        rendered, problems = asyncio.run(_visit(served + page))
+        assert not problems, (page, problems)
+        figures = rendered["plotly"] + sum(image["loaded"] for image in rendered["images"]
+                                           if image["src"].startswith(("data:image/png", "figures/", "../")))
+        assert figures > 0, (page, rendered)
+        assert all(image["loaded"] for image in rendered["images"]), (page, rendered["images"])
