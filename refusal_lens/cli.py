@@ -88,7 +88,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
           f"d_model {summary['d_model']}, loaded in {summary['load_seconds']} s")
     config = RunConfig(
         harmful=args.harmful, harmless=args.harmless, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
-        n_boot=args.n_boot, judge=args.judge, filter_by_refusal=not args.no_filter, kl_max=args.kl_max,
+        data=args.data, n_boot=args.n_boot, judge=args.judge, filter_by_refusal=not args.no_filter, kl_max=args.kl_max,
         fallback=args.fallback, max_new_tokens=args.max_new_tokens, full_selection_table=not args.lazy_selection,
         capability_tasks=tuple(t for t in args.capability_tasks.split(",") if t),
         capability_limit=args.capability_limit, static_figures=not args.html_only, direction=args.direction,
@@ -154,6 +154,9 @@ def _add_run_parser(sub) -> None:
         help="harmful prompts in the paper's JSON format: a folder with train/val/test files, or files "
              "(comma-separated) to pool and split (default: the built-in refusal-pairs set)")
     add("--harmless", default=defaults.harmless, help="harmless prompts, as --harmful")
+    add("--data", choices=["refusal-pairs", "paper"], default=defaults.data,
+        help=f"built-in contrast set when --harmful/--harmless are not given (default {defaults.data}; paper: the "
+             "paper's AdvBench/HarmBench/Alpaca sample, 128+128 train, 32+32 val)")
     add("--n-train", type=int, default=defaults.n_train, help="train prompts per side (default: all; the paper: 128)")
     add("--n-val", type=int, default=defaults.n_val,
         help=f"validation prompts per side (default {defaults.n_val}; the paper: 32)")

@@ -50,6 +50,7 @@ class RunConfig:
         None  # files or a folder in the refusal_direction format (rl.load_splits); None: refusal-pairs
     )
     harmless: str | None = None
+    data: str = "refusal-pairs"  # the built-in contrast set used when harmful/harmless are None: or "paper"
     n_train: int | None = None  # train prompts per side (None: the whole split)
     n_val: int = 24  # validation prompts per side for selection (the paper-size 32 adds ~2 min on 2 CPU cores)
     n_test: int | None = None  # test prompts per side for behaviour (None: the whole test split)
@@ -134,7 +135,7 @@ def run(model: Model, out: str | Path, config: RunConfig = RunConfig(), log: Cal
 def _load_data(state: _Run) -> dict[str, ContrastSet]:
     """The run's train/val/test splits (train capped at ``n_train``), train and val filtered as the paper."""
     config = state.config
-    splits = load_splits(config.harmful, config.harmless, seed=config.seed)
+    splits = load_splits(config.harmful, config.harmless, seed=config.seed, data=config.data)
     if config.n_train is not None:
         train = splits["train"]
         splits["train"] = ContrastSet(train.name, train.harmful[: config.n_train], train.harmless[: config.n_train])
