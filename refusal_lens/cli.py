@@ -4,6 +4,7 @@ Subcommands:
     run           the main job on one model (extraction, statistics, selection, interventions), writing
                   ``runs/<model>/`` with a report and a manifest; its options are ``RunConfig``'s fields
     over-refusal  the over-refusal study against that run's direction; options: ``OverRefusalConfig``'s fields
+    export        orthogonalize a model against a direction file and save it as a Hugging Face folder
     models   list the models that load offline
     organism train | eval   rebuild the refusal organism's adapter / rerun its behaviour report
 """
@@ -121,6 +122,41 @@ def _cmd_over_refusal(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .directions import InvalidDirectionError
+    from .export import InexactEditError, export_orthogonalized
+
+    try:
+        out = export_orthogonalized(args.model, args.direction, args.out, layer=args.layer,
+                                    force_inexact=args.force_inexact, device=args.device, dtype=args.dtype,
+                                    chat=args.chat, trust_remote_code=args.trust_remote_code)
+    except (InexactEditError, InvalidDirectionError, FileExistsError, FileNotFoundError, ValueError) as exc:
+        print(f"refusal-lens export: {exc}")
+        return 2
+    record = json.loads((out / "refusal_lens.json").read_text())
+    exact = "equals hook ablation" if record["equals_hook_ablation"] else "NOT hook ablation (--force-inexact)"
+    print(f"wrote {out}/ ({exact}; residual leak {record['residual_leak']:.1e}; model card README.md)")
+    return 0
+
+
+def _add_export_parser(sub) -> None:
+    export = sub.add_parser("export", help="orthogonalize a model against a direction file and save it (HF folder)")
+    add = export.add_argument
+    add("--model", required=True, help="offline name, hub id or local directory")
+    add("--direction", required=True, metavar="FILE",
+        help="one [d_model] vector in .pt, .safetensors or .npy (e.g. a run's direction.safetensors)")
+    add("--layer", type=int, default=None,
+        help="the layer the direction was taken at, for the model card (default: from a run's direction file)")
+    add("--out", required=True, help="folder to write (new or empty)")
+    add("--force-inexact", action="store_true",
+        help="export also where orthogonalized weights are not hook ablation (Gemma 2/3 post-sublayer norms)")
+    add("--chat", default=None, help="chat-format family (default: detected)")
+    add("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    add("--dtype", default=None, help="float32, bfloat16, float16 (default: float32 on CPU, bfloat16 on CUDA)")
+    add("--trust-remote-code", action="store_true", help="for hub models that need it")
+    export.set_defaults(func=_cmd_export)
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from .models import OFFLINE_MODELS
 
@@ -194,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run_parser(sub)
     _add_over_refusal_parser(sub)
+    _add_export_parser(sub)
     sub.add_parser("models", help="list the models that load offline").set_defaults(func=_cmd_models)
     _add_organism_parser(sub)
     return parser

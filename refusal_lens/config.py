@@ -33,6 +33,9 @@ class RunConfig:
         None, "harmful prompts in the paper's JSON format: a folder with train/val/test files, or files "
         "(comma-separated) to pool and split (none: the built-in refusal-pairs set)", metavar="PATH")
     harmless: str | None = option(None, "harmless prompts, as --harmful", metavar="PATH")
+    data: str = option("refusal-pairs", "the built-in contrast set used when --harmful/--harmless are not given: "
+                       "refusal-pairs, or paper (the paper's AdvBench/HarmBench/Alpaca sample, 128+128 train, 32+32 "
+                       "val)", metavar="SET")
     n_train: int | None = option(None, "train prompts per side (none: the whole split; the paper: 128)")
     n_val: int = option(24, "validation prompts per side for selection (the paper: 32)")
     n_test: int | None = option(None, "test prompts per side (none: the whole test split)")

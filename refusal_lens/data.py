@@ -3,14 +3,17 @@
 Built-in set ``"refusal-pairs"`` (see ``data/README.md``): harmful and harmless
 requests written for this project, with matched pairs that differ only in
 intent, in four fixed disjoint splits (``organism``, ``train``, ``val``,
-``test``). Public benchmarks use the refusal_direction format (used by
-``andyrdt/refusal_direction`` and ``../shared/datasets``): a JSON list of
-``{"instruction": str, "category": str | null}``.
+``test``). Built-in set ``"paper"`` (``data/paper/README.md``): the paper's
+train and val sample of public benchmarks, and a held-out test split. Public
+benchmarks use the refusal_direction format (used by
+``andyrdt/refusal_direction``, whose ``dataset/`` holds the full benchmarks):
+a JSON list of ``{"instruction": str, "category": str | null}``.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import random
@@ -233,9 +236,11 @@ def _read_side(spec: str | Path | Sequence[str | Path]) -> dict[str, list[Instru
 
 def load_splits(harmful: str | Path | Sequence[str | Path] | None = None,
                 harmless: str | Path | Sequence[str | Path] | None = None, *,
-                fractions: tuple[float, float, float] = (0.6, 0.2, 0.2), seed: int = 0) -> dict[str, ContrastSet]:
-    """``train`` / ``val`` / ``test`` contrast sets for a run: the built-in ``refusal-pairs`` splits, or
-    external files in the refusal_direction format (the paper's AdvBench, TDC2023, HarmBench, Alpaca ...).
+                fractions: tuple[float, float, float] = (0.6, 0.2, 0.2), seed: int = 0,
+                data: str = "refusal-pairs") -> dict[str, ContrastSet]:
+    """``train`` / ``val`` / ``test`` contrast sets for a run: the splits of the built-in set ``data``
+    (``"refusal-pairs"`` or ``"paper"``), or external files in the refusal_direction format (AdvBench, TDC2023,
+    HarmBench, Alpaca ...).
 
     ``harmful`` and ``harmless`` each name a folder with ``train``/``val``/``test`` files (used as they
     are), or files (a list, or comma-separated) that are pooled and split by a seeded shuffle into
@@ -244,7 +249,13 @@ def load_splits(harmful: str | Path | Sequence[str | Path] | None = None,
     if (harmful is None) != (harmless is None):
         raise ValueError("pass both harmful= and harmless= (files or folders), or neither for the built-in set")
     if harmful is None:
-        return {name: load_contrast("refusal-pairs", split=name) for name in ("train", "val", "test")}
+        if data not in ("refusal-pairs", "paper"):
+            raise ValueError(f"unknown built-in data {data!r} for a run: use 'refusal-pairs' or 'paper' (or pass "
+                             "harmful= and harmless= files)")
+        return {name: load_contrast(data, split=name) for name in ("train", "val", "test")}
+    if data != "refusal-pairs":
+        raise ValueError(f"pass either external files (harmful=, harmless=) or a built-in set (data={data!r}), "
+                         "not both")
     if abs(sum(fractions) - 1) > 1e-9 or min(fractions) < 0:
         raise ValueError(f"fractions must be non-negative and sum to 1, got {fractions}")
 
@@ -267,11 +278,16 @@ def load_contrast(name_or_path: str | Path, *, split: str | Iterable[str] | None
     """Load a contrast set.
 
     Args:
-        name_or_path: ``"refusal-pairs"`` (built in), or a folder holding ``harmful.json`` and
-            ``harmless.json`` in the refusal_direction format.
+        name_or_path: a built-in set (``"refusal-pairs"``, ``"over-refusal"``, ``"paper"``), or a folder holding
+            ``harmful.json`` and ``harmless.json`` in the refusal_direction format.
         split: for built-in sets, keep only these fixed split(s) (``refusal-pairs``: ``organism``, ``train``,
-            ``val``, ``test``; ``over-refusal``: ``train``, ``val``, ``test``, ``holdout``).
+            ``val``, ``test``; ``over-refusal``: ``train``, ``val``, ``test``, ``holdout``; ``paper``: ``train``
+            (128 + 128), ``val`` (32 + 32), ``test`` (91 harmful, 100 harmless)).
     """
+    if str(name_or_path) == "paper" and split is not None:
+        unknown = ({split} if isinstance(split, str) else set(split)) - set(PAPER_SPLITS)
+        if unknown:
+            raise ValueError(f"unknown split(s) {sorted(unknown)} of 'paper'; choose from {list(PAPER_SPLITS)}")
     if str(name_or_path) in BUILTIN:
         contrast = _builtin(BUILTIN[str(name_or_path)], str(name_or_path))
         return contrast.select(split) if split is not None else contrast
@@ -328,7 +344,27 @@ def _over_refusal(folder: str, name: str) -> ContrastSet:
     return ContrastSet(name, tuple(harmful), tuple(harmless))
 
 
-_LOADERS = {"over_refusal": _over_refusal}
+# ------------------------------------------------------------------ paper
+# "paper" (see data/paper/README.md): the paper's data, built from public benchmark files by
+# data/paper/build.py: train and val are the paper's seeded sample (AdvBench / Alpaca 128 + 128, HarmBench val /
+# Alpaca 32 + 32), test is TDC2023 and Alpaca held out from both. Files ``{side}_{split}.json`` in the
+# refusal_direction format; every split is whole files.
+PAPER_SPLITS = ("train", "val", "test")
+BUILTIN["paper"] = "paper"
+
+
+def _paper(folder: str, name: str) -> ContrastSet:
+    """The paper's contrast set; each item's ``split`` is the file it came from."""
+    root = Path(str(files("refusal_lens") / "data" / folder))
+    sides: dict[str, list[Instruction]] = {"harmful": [], "harmless": []}
+    for side, items in sides.items():
+        for split in PAPER_SPLITS:
+            path = root / f"{side}_{split}.json"
+            items += [dataclasses.replace(item, split=split) for item in read_instructions(path)]
+    return ContrastSet(name, tuple(sides["harmful"]), tuple(sides["harmless"]))
+
+
+_LOADERS = {"over_refusal": _over_refusal, "paper": _paper}
 
 
 def holdout_everyday() -> tuple[str, ...]:

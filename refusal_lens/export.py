@@ -1,4 +1,9 @@
-"""Exporting a model as a plain Hugging Face directory, with a record and a model card of what was edited."""
+"""Exporting a model as a plain Hugging Face directory, with a record and a model card of what was edited.
+
+:func:`save_hf` writes any loaded (possibly edited) model; :func:`export_orthogonalized` is ``refusal-lens
+export``: a model and a direction file in, the orthogonalized model out, refused where the edit is not the same
+model as hook ablation unless asked for.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,81 @@ from pathlib import Path
 
 import torch
 
-from .manifest import versions
-from .models import Model
+from .directions import load_direction
+from .manifest import file_sha256, versions
+from .models import Model, load_model
+from .orthogonalize import orthogonalize_weights
+
+
+class InexactEditError(ValueError):
+    """Orthogonalized weights would not be the same model as hook ablation for this architecture."""
+
+
+def post_norm_writers(model: Model) -> int:
+    """How many attention/MLP outputs pass through a post-sublayer norm before the residual (Gemma 2/3: all).
+
+    Where this is 0, orthogonalized weights equal hook ablation; otherwise they do not
+    (see :func:`refusal_lens.orthogonalize_weights`).
+    """
+    return sum(getattr(block, name, None) is not None for block in model.blocks for name in ("ln1_post", "ln2_post"))
+
+
+def _header(path: Path) -> dict[str, str]:
+    """A ``.safetensors`` file's metadata (a run's ``direction.safetensors`` holds layer, position, source)."""
+    if path.suffix.lower() != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        return dict(handle.metadata() or {})
+
+
+def export_orthogonalized(model: Model | str, direction: str | Path, out: str | Path, *, layer: int | None = None,
+                          force_inexact: bool = False, **load_kwargs) -> Path:
+    """Orthogonalize ``model``'s weights against the direction in a file and save the result as an HF folder.
+
+    Args:
+        model: a loaded model, or a spec for :func:`~refusal_lens.load_model` (offline name, hub id, folder).
+        direction: ``.pt``/``.safetensors``/``.npy``/``.npz`` holding one ``[d_model]`` vector
+            (:func:`~refusal_lens.load_direction`; a different width raises
+            :class:`~refusal_lens.InvalidDirectionError`).
+        out: the folder to write (must not exist, or be empty): config, safetensors, tokenizer,
+            ``refusal_lens.json`` and a model card ``README.md`` recording the direction file, its SHA-256, the
+            layer and what is exact.
+        layer: the layer the direction was taken at, for the record (the edit removes it at every layer);
+            default: the ``layer`` in a run's ``direction.safetensors`` header, if any.
+        force_inexact: export also where the edit is not hook ablation (post-sublayer norms: Gemma 2/3).
+        load_kwargs: passed to :func:`~refusal_lens.load_model` when ``model`` is a spec.
+
+    Raises:
+        InexactEditError: the architecture has post-sublayer norms and ``force_inexact`` is False; nothing
+            is loaded into the edit or written.
+        FileExistsError: ``out`` holds files.
+    """
+    direction, out = Path(direction), Path(out)
+    if not direction.is_file():
+        raise FileNotFoundError(f"no direction file {direction}")
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty: choose a new folder for the exported model")
+    if isinstance(model, str):
+        model = load_model(model, **load_kwargs)
+    vector = load_direction(direction, model)  # unit float32, width-checked
+    n_post_norm = post_norm_writers(model)
+    if n_post_norm and not force_inexact:
+        raise InexactEditError(
+            f"{type(model.original_model).__name__} adds each sublayer's output through a post-sublayer norm "
+            f"({n_post_norm} writers), so orthogonalized weights are not the same model as hook ablation: the "
+            "residual stream never holds the direction, but the logits differ from rl.ablate's (Gemma 2/3). Export "
+            "anyway with --force-inexact (force_inexact=True), or use hook ablation (rl.ablate) in Python."
+        )
+    header = _header(direction)
+    if layer is None and header.get("layer", "None") != "None":
+        layer = int(header["layer"])
+    provenance = {"direction_file": direction.name, "direction_sha256": file_sha256(direction), "layer": layer,
+                  "position": None if header.get("position", "None") == "None" else int(header["position"]),
+                  "direction_source": header.get("source"), "force_inexact": bool(force_inexact)}
+    edited = orthogonalize_weights(model, vector, provenance=provenance)
+    return save_hf(edited, out)
 
 
 def save_hf(model: Model, path: str | Path, *, card: dict | None = None) -> Path:
@@ -79,9 +157,17 @@ def model_card(record: dict) -> str:
         vector = torch.tensor(direction, dtype=torch.float32)
         lines += [f"| direction | {len(direction)} floats in `refusal_lens.json` (unit norm; SHA-256 of its float32 "
                   f"bytes `{hashlib.sha256(vector.numpy().tobytes()).hexdigest()[:16]}`) |"]
+    if record.get("direction_file"):
+        lines.append(f"| direction file | `{record['direction_file']}` (SHA-256 `{record.get('direction_sha256')}`) |")
+    if record.get("direction_source"):
+        lines.append(f"| direction source | {record['direction_source']} |")
     for key in ("position", "layer", "hook"):
-        if key in record:
+        if record.get(key) is not None:
             lines.append(f"| direction {key} | {record[key]} |")
+    if record.get("edit") == "orthogonalize_weights":
+        exact = record.get("equals_hook_ablation", True)
+        lines.append(f"| equals hook ablation | {'yes' if exact else 'no (post-sublayer norms)'}"
+                     f"{' - exported with --force-inexact' if record.get('force_inexact') else ''} |")
     for name, digest in (record.get("data") or {}).items():
         lines.append(f"| data `{name}` | `{digest}` |")
     lines += [f"| refusal_lens | {record['versions'].get('refusal-lens')} |",

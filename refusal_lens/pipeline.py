@@ -172,7 +172,7 @@ class Interventions:
 # ------------------------------------------------------------------ steps
 def load_data(model: Model, config: RunConfig) -> RunData:
     """The run's train/val/test splits (train capped at ``n_train``), train and val filtered as the paper."""
-    splits = load_splits(config.harmful, config.harmless, seed=config.seed)
+    splits = load_splits(config.harmful, config.harmless, data=config.data, seed=config.seed)
     if config.n_train is not None:
         train = splits["train"]
         splits["train"] = ContrastSet(train.name, train.harmful[: config.n_train], train.harmless[: config.n_train])
