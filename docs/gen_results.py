@@ -420,6 +420,16 @@ def stale(report: dict, behaviour: dict, root: Path | None = None) -> list[str]:
             if path.read_text() != text]
 
 
+def load_report(path: Path) -> dict:
+    """The main job's ``report.json``, with the over-refusal study's ``over_refusal.json`` (written beside it by
+    ``refusal-lens over-refusal``) under ``"over_refusal"`` where it exists."""
+    report = json.loads(path.read_text())
+    study = path.parent / "over_refusal.json"
+    if study.is_file():
+        report["over_refusal"] = json.loads(study.read_text())
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--report", type=Path, default=DEFAULT_REPORT, help="the main job's report.json")
@@ -429,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no {args.report}: run `make run` first (the blocks are generated from its report.json)",
               file=sys.stderr)
         return 2
-    report, behaviour = json.loads(args.report.read_text()), json.loads(BEHAVIOUR.read_text())
+    report, behaviour = load_report(args.report), json.loads(BEHAVIOUR.read_text())
     if args.check:
         differ = stale(report, behaviour)
         if differ:

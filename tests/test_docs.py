@@ -135,7 +135,7 @@ def test_a_rate_that_is_no_whole_count_and_a_missing_entry_are_named():
 
 @pytest.mark.skipif(not MAIN_REPORT.exists(), reason=f"no {MAIN_REPORT.relative_to(ROOT)}: `make run` writes it")
 def test_readme_and_pages_equal_the_main_jobs_report():
-    report, behaviour = json.loads(MAIN_REPORT.read_text()), json.loads(gen.BEHAVIOUR.read_text())
+    report, behaviour = gen.load_report(MAIN_REPORT), json.loads(gen.BEHAVIOUR.read_text())
     assert gen.stale(report, behaviour) == [], "run `python docs/gen_results.py` and commit README.md and docs/"
 
 
@@ -297,3 +297,10 @@ def test_front_page_and_a_notebook_page_render_their_figures_without_console_err
                                            if image["src"].startswith(("data:image/png", "figures/", "../")))
         assert figures > 0, (page, rendered)
         assert all(image["loaded"] for image in rendered["images"]), (page, rendered["images"])
+
+
+def test_load_report_adds_the_over_refusal_study_written_beside_it(tmp_path):
+    (tmp_path / "report.json").write_text(json.dumps({"seconds": {"selection": 1.0}}))
+    assert "over_refusal" not in gen.load_report(tmp_path / "report.json")
+    (tmp_path / "over_refusal.json").write_text(json.dumps({"ran": False}))
+    assert gen.load_report(tmp_path / "report.json") == {"seconds": {"selection": 1.0}, "over_refusal": {"ran": False}}
