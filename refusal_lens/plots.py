@@ -385,8 +385,8 @@ def _label_positions(points: list[tuple[float, float, str, str, str]], x_range: 
     ``(x, y, text, color, xshift, yshift, xanchor)`` per label (shifts in pixels).
     """
     def pixels(x: float, y: float) -> tuple[float, float]:
-        return ((x - x_range[0]) / (x_range[1] - x_range[0]) * plot[0],
-                (y - y_range[0]) / (y_range[1] - y_range[0]) * plot[1])
+        return (float((x - x_range[0]) / (x_range[1] - x_range[0]) * plot[0]),
+                float((y - y_range[0]) / (y_range[1] - y_range[0]) * plot[1]))
 
     groups: list[list] = []  # [x, y, texts, color, group, px, py]
     for x, y, text, color, group in points:
@@ -423,7 +423,7 @@ def _label_positions(points: list[tuple[float, float, str, str, str]], x_range: 
 
 
 def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
-    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+    return bool(a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3])
 
 
 def _chrome() -> str | None:

@@ -49,7 +49,8 @@ def test_select_notebook_says_why_when_no_candidate_passes(tmp_path):
 def test_every_notebook_has_full_size_parameters_that_it_declares():
     """execute.FULL_SIZE names only notebooks that exist and parameters their parameters cell defines."""
     stems = {path.stem: path for path in SOURCES}
-    assert set(execute.FULL_SIZE) <= set(stems), f"FULL_SIZE names unknown notebooks: {set(execute.FULL_SIZE) - set(stems)}"
+    unknown = set(execute.FULL_SIZE) - set(stems)
+    assert not unknown, f"FULL_SIZE names notebooks that do not exist: {unknown}"
     for stem, parameters in execute.FULL_SIZE.items():
         notebook = nbformat.read(stems[stem], as_version=4)
         cell = next(c for c in notebook.cells if "parameters" in c.metadata.get("tags", []))
@@ -71,7 +72,7 @@ def test_executed_copy_runs_the_source_code_at_full_size(source):
         "commit docs/notebooks/")
     parameters = dict(executed.metadata["papermill"]["parameters"])
     assert parameters.pop("RUNS").startswith("../runs/report/"), "not executed on a copy of the main job's run"
-    assert parameters == execute.FULL_SIZE.get(source.stem, {}), f"{copy.name} was not executed at full size: run make report"
+    assert parameters == execute.FULL_SIZE.get(source.stem, {}), f"{copy.name} is not at full size: run make report"
     assert executed.metadata["refusal_lens"]["run"].startswith("runs/")
     code = [c for c in executed.cells if c.cell_type == "code" and INJECTED not in c.metadata.get("tags", [])]
     assert all(c.execution_count is not None for c in code), "a cell did not run: run make report"
