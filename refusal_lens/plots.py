@@ -333,10 +333,13 @@ def trade_off(table: pd.DataFrame, *, harmful_floor: float | None = None,
               title: str = "Fewer false refusals at what cost in true refusals?", model: str | None = None,
               direction: Direction | None = None, n: Counts | None = None) -> go.Figure:
     """Look-risky refusal against harmful refusal, one line per method, Wilson 95% CIs as error bars on both
-    axes, points labelled with their strength (``rl.over_refusal.trade_off``); ``harmful_floor`` (a rate,
+    axes, points labelled with their strength (``rl.over_refusal.trade_off``; ``n`` defaults to its
+    ``look_risky_n`` and ``harmful_n``); ``harmful_floor`` (a rate,
     e.g. 90% of the unmodified one) draws a vertical line. Better methods sit to the right (true refusal kept)
     and low (fewer false refusals). Labels are placed so that none overlaps another or a point at the figure's
     size; points of one method that coincide share one label ("0.05, 0.1")."""
+    if n is None and {"look_risky_n", "harmful_n"} <= set(table):
+        n = {"look-risky": int(table.look_risky_n.max()), "harmful": int(table.harmful_n.max())}
     fig = go.Figure()
     x_low = min(100 * table.harmful_low.min(), 100 * harmful_floor if harmful_floor is not None else 100)
     x_range = [max(-2, x_low - 5), 102]
