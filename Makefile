@@ -3,8 +3,9 @@
 #   make test   the test suite (what CI runs)
 # And, run on purpose only:
 #   make lab      JupyterLab on the notebooks, in the same .venv
-#   make report   execute every notebook on the main job's run into docs/notebooks/*.html (about 15 minutes)
-#   make figures  refresh the committed figures/ from the main job's run and notebooks 04-06 (about 15 minutes)
+#   make report   execute every notebook at full size on the main job's run into docs/notebooks/NN_*.ipynb
+#                 (static PNG figures; commit them: tests/test_notebooks.py checks they match the notebooks' code)
+#   make figures  refresh the committed figures/ from the main job's run and notebooks 04-06 at full size
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -35,12 +36,8 @@ RUN_DIR := runs/smollm2-135m-refusal
 figures: $(STAMP)
 	test -f $(RUN_DIR)/report.json || { echo "run 'make run' first: figures come from $(RUN_DIR)"; exit 1; }
 	cp $(RUN_DIR)/figures/*.html $(RUN_DIR)/figures/*.png $(RUN_DIR)/figures/plotly.min.js figures/
-	cd notebooks && HF_HUB_OFFLINE=1 ../$(BIN)/papermill 04_heads.ipynb /tmp/04.ipynb -p RUNS ../runs -p FIGURES ../figures \
-	  -p N_PROMPTS 96 -p GCG_PROMPTS 4 -p GCG_STEPS 30 -p GCG_WIDTH 32 -p GCG_TOKENS 12 -p N_RANDOM 5 -p MAX_NEW_TOKENS 48
-	cd notebooks && HF_HUB_OFFLINE=1 ../$(BIN)/papermill 05_base_vs_chat.ipynb /tmp/05.ipynb -p RUNS ../runs \
-	  -p FIGURES ../figures -p N_TRAIN 100 -p N_TEST 48 -p MAX_NEW_TOKENS 48
-	cd notebooks && HF_HUB_OFFLINE=1 ../$(BIN)/papermill 06_subspace.ipynb /tmp/06.ipynb -p RUNS ../runs \
-	  -p FIGURES ../figures -p K_MAX 8 -p N_TEST 32 -p MAX_NEW_TOKENS 32
+	HF_HUB_OFFLINE=1 $(BIN)/python notebooks/execute.py --runs runs --figures figures --out runs/report/figures \
+	  --only 04_heads 05_base_vs_chat 06_subspace
 
 test: $(STAMP)
 	$(BIN)/ruff check refusal_lens tests benchmarks notebooks/*.py
@@ -51,7 +48,7 @@ lab: $(STAMP)
 
 report: $(STAMP)
 	test -f $(RUN_DIR)/report.json || { echo "run 'make run' first: the pages read $(RUN_DIR)"; exit 1; }
-	HF_HUB_OFFLINE=1 $(BIN)/python notebooks/render_html.py --runs runs --out docs/notebooks
+	HF_HUB_OFFLINE=1 $(BIN)/python notebooks/execute.py --runs runs --out docs/notebooks
 
 clean-venv:
 	rm -rf $(VENV)

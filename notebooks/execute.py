@@ -9,7 +9,7 @@ it; no plotly.js bundle, so each file stays small) and progress bars reduced to 
 ``tests/test_notebooks.py`` checks that every copy's code equals its source's. Usage, from the repository root,
 after ``make run``::
 
-    python notebooks/execute.py --runs runs --out docs/notebooks [--only 03_intervene]
+    python notebooks/execute.py --runs runs --out docs/notebooks [--only 03_intervene] [--figures figures]
 """
 
 from __future__ import annotations
@@ -89,13 +89,16 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def execute(path: Path, runs: Path, out: Path, model: str = MODEL) -> Path:
-    """Run one notebook at full size on a scratch copy of ``runs/<model>`` and write its static copy to ``out``."""
+def execute(path: Path, runs: Path, out: Path, model: str = MODEL, figures: Path | None = None) -> Path:
+    """Run one notebook at full size on a scratch copy of ``runs/<model>`` and write its static copy to ``out``;
+    ``figures``: where the notebook saves its figures (default: the scratch copy's ``figures/``)."""
     main = runs / model
     scratch = runs / "report" / path.stem
     shutil.rmtree(scratch, ignore_errors=True)
     shutil.copytree(main, scratch / model, ignore=shutil.ignore_patterns("figures"))
     parameters = {"RUNS": os.path.relpath(scratch, NOTEBOOKS), **FULL_SIZE.get(path.stem, {})}
+    if figures is not None:
+        parameters["FIGURES"] = os.path.relpath(figures.resolve(), NOTEBOOKS)
     executed = scratch / path.name
     os.environ["PLOTLY_RENDERER"] = "plotly_mimetype"  # the kernel inherits it: figures arrive as JSON
     papermill.execute_notebook(str(path), str(executed), cwd=str(NOTEBOOKS), parameters=parameters,
@@ -120,6 +123,8 @@ def main() -> None:
     parser.add_argument("--out", default="docs/notebooks")
     parser.add_argument("--model", default=MODEL, help="the model whose main-job run the notebooks read")
     parser.add_argument("--only", nargs="*", default=None, help="notebook names (e.g. 03_intervene); default: all")
+    parser.add_argument("--figures", default=None, type=Path,
+                        help="save the notebooks' figures here (make figures: figures/); default: the scratch copy")
     arguments = parser.parse_args()
     runs, out = Path(arguments.runs).resolve(), Path(arguments.out)
     if not (runs / arguments.model / "report.json").exists():
@@ -131,7 +136,7 @@ def main() -> None:
         raise SystemExit(f"unknown notebook in {arguments.only}; the notebooks are {[p.stem for p in notebooks()]}")
     for path in chosen:
         started = time.perf_counter()
-        target = execute(path, runs, out, arguments.model)
+        target = execute(path, runs, out, arguments.model, arguments.figures)
         print(f"wrote {target} ({target.stat().st_size / 1e6:.2f} MB, {time.perf_counter() - started:.0f} s)",
               flush=True)
 
