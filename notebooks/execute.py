@@ -92,21 +92,23 @@ def _sha256(path: Path) -> str:
 def execute(path: Path, runs: Path, out: Path, model: str = MODEL, figures: Path | None = None) -> Path:
     """Run one notebook at full size on a scratch copy of ``runs/<model>`` and write its static copy to ``out``;
     ``figures``: where the notebook saves its figures (default: the scratch copy's ``figures/``)."""
+    runs = runs.resolve()
     main = runs / model
     scratch = runs / "report" / path.stem
     shutil.rmtree(scratch, ignore_errors=True)
     shutil.copytree(main, scratch / model, ignore=shutil.ignore_patterns("figures"))
-    parameters = {"RUNS": os.path.relpath(scratch, NOTEBOOKS), **FULL_SIZE.get(path.stem, {})}
+    parameters = {"RUNS": os.path.relpath(scratch, path.parent), **FULL_SIZE.get(path.stem, {})}
     if figures is not None:
-        parameters["FIGURES"] = os.path.relpath(figures.resolve(), NOTEBOOKS)
+        parameters["FIGURES"] = os.path.relpath(figures.resolve(), path.parent)
     executed = scratch / path.name
     os.environ["PLOTLY_RENDERER"] = "plotly_mimetype"  # the kernel inherits it: figures arrive as JSON
-    papermill.execute_notebook(str(path), str(executed), cwd=str(NOTEBOOKS), parameters=parameters,
+    papermill.execute_notebook(str(path), str(executed), cwd=str(path.parent), parameters=parameters,
                                progress_bar=True)  # on failure the partial copy stays in the scratch folder
     notebook = nbformat.read(executed, as_version=4)
     make_static(notebook)
     notebook.metadata["papermill"].update(input_path=f"notebooks/{path.name}", output_path=f"{out}/{path.name}")
     notebook.metadata["refusal_lens"] = {"run": f"runs/{model}", "report_sha256": _sha256(main / "report.json")}
+    out.mkdir(parents=True, exist_ok=True)
     target = out / path.name
     nbformat.write(notebook, target)
     shutil.rmtree(scratch)

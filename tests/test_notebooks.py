@@ -89,6 +89,32 @@ def test_no_executed_copy_without_its_notebook():
     assert not orphans, f"docs/notebooks/ holds copies of notebooks that no longer exist: {sorted(orphans)}"
 
 
+def test_execute_runs_a_notebook_on_a_copy_of_the_main_run_and_leaves_the_run_alone(tmp_path):
+    """execute() gives the notebook a scratch copy of runs/<model>/ as RUNS, records its parameters and the run's
+    report hash, and leaves the main run's files as they were (a notebook that writes there writes to the copy)."""
+    runs, out, folder = tmp_path / "runs", tmp_path / "out", tmp_path / "notebooks"
+    (runs / "m").mkdir(parents=True)
+    (runs / "m" / "report.json").write_text('{"refusal_rate": {}}')
+    (runs / "m" / "selected.json").write_text('{"pos": -1, "layer": 3}')
+    folder.mkdir()
+    kernel = nbformat.read(SOURCES[0], as_version=4).metadata["kernelspec"]
+    notebook = nbformat.v4.new_notebook(metadata={"kernelspec": kernel}, cells=[
+        nbformat.v4.new_code_cell('RUNS = "nowhere"', metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("import json, pathlib\n"
+                                  "selected = pathlib.Path(RUNS) / 'm' / 'selected.json'\n"
+                                  "print(json.loads(selected.read_text())['layer'])\n"
+                                  "selected.write_text('{\"pos\": -1, \"layer\": 9}')  # as notebook 02 does")])
+    nbformat.write(notebook, folder / "99_probe.ipynb")
+    copy = execute.execute(folder / "99_probe.ipynb", runs, out, model="m")
+    executed = nbformat.read(copy, as_version=4)
+    assert executed.cells[-1].outputs[0].text == "3\n"  # it read the main run's selection, through the copy
+    assert json.loads((runs / "m" / "selected.json").read_text())["layer"] == 3  # the main run is untouched
+    assert executed.metadata["papermill"]["parameters"]["RUNS"] == "../runs/report/99_probe"
+    assert executed.metadata["refusal_lens"]["report_sha256"] == execute._sha256(runs / "m" / "report.json")
+    assert _code(executed) == _code(notebook)
+    assert not (runs / "report" / "99_probe").exists()  # the scratch copy is gone
+
+
 def test_static_copy_has_png_figures_and_last_progress_state():
     """make_static turns a Plotly output into a PNG of the figure's size and keeps a progress bar's last state."""
     from refusal_lens import plots
