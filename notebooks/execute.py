@@ -89,15 +89,17 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def execute(path: Path, runs: Path, out: Path, model: str = MODEL, figures: Path | None = None) -> Path:
+def execute(path: Path, runs: Path, out: Path, model: str = MODEL, figures: Path | None = None, *,
+            full_size: bool = True) -> Path:
     """Run one notebook at full size on a scratch copy of ``runs/<model>`` and write its static copy to ``out``;
-    ``figures``: where the notebook saves its figures (default: the scratch copy's ``figures/``)."""
+    ``figures``: where the notebook saves its figures (default: the scratch copy's ``figures/``);
+    ``full_size=False``: at the notebook's own (CI) sizes, a quick check of the machinery."""
     runs = runs.resolve()
     main = runs / model
     scratch = runs / "report" / path.stem
     shutil.rmtree(scratch, ignore_errors=True)
     shutil.copytree(main, scratch / model, ignore=shutil.ignore_patterns("figures"))
-    parameters = {"RUNS": os.path.relpath(scratch, path.parent), **FULL_SIZE.get(path.stem, {})}
+    parameters = {"RUNS": os.path.relpath(scratch, path.parent), **(FULL_SIZE.get(path.stem, {}) if full_size else {})}
     if figures is not None:
         parameters["FIGURES"] = os.path.relpath(figures.resolve(), path.parent)
     executed = scratch / path.name
@@ -125,6 +127,8 @@ def main() -> None:
     parser.add_argument("--out", default="docs/notebooks")
     parser.add_argument("--model", default=MODEL, help="the model whose main-job run the notebooks read")
     parser.add_argument("--only", nargs="*", default=None, help="notebook names (e.g. 03_intervene); default: all")
+    parser.add_argument("--ci-size", action="store_true",
+                        help="run at the notebooks' own small sizes: a quick check, not copies to commit")
     parser.add_argument("--figures", default=None, type=Path,
                         help="save the notebooks' figures here (make figures: figures/); default: the scratch copy")
     arguments = parser.parse_args()
@@ -138,7 +142,7 @@ def main() -> None:
         raise SystemExit(f"unknown notebook in {arguments.only}; the notebooks are {[p.stem for p in notebooks()]}")
     for path in chosen:
         started = time.perf_counter()
-        target = execute(path, runs, out, arguments.model, arguments.figures)
+        target = execute(path, runs, out, arguments.model, arguments.figures, full_size=not arguments.ci_size)
         print(f"wrote {target} ({target.stat().st_size / 1e6:.2f} MB, {time.perf_counter() - started:.0f} s)",
               flush=True)
 
