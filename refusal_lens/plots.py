@@ -61,7 +61,7 @@ def _style(fig: go.Figure, title: str, x: str, y: str, *, height: int = 420, wid
                       legend=legend, margin=dict(l=70, r=30, t=80 + 16 * (note.count('<br>') + 1) if note else 80,
                                                              b=110 if legend_below else 60))
     fig.update_xaxes(title_text=x)
-    fig.update_yaxes(title_text=y)
+    fig.update_layout(yaxis_title_text=y)  # the first y axis only: a secondary axis keeps its own title
     return fig
 
 
@@ -249,7 +249,8 @@ def alpha_sweep(table: pd.DataFrame, *, title: str = "Scaling the ablated compon
     if "refusal_rate" in table:
         fig.add_trace(go.Scatter(x=table.alpha, y=100 * table.refusal_rate, name="refusal rate (%)",
                                  mode="lines+markers", line=dict(color=PALETTE[0], dash="dot")), secondary_y=True)
-        fig.update_yaxes(title_text="refusal rate (%)", secondary_y=True, range=[0, 105])
+        fig.update_yaxes(title_text="refusal rate (%)", secondary_y=True, range=[0, 105], tickmode="array",
+                         tickvals=[0, 20, 40, 60, 80, 100], showgrid=False)
     fig.add_hline(y=0, line=dict(color="black", width=1, dash="dot"))
     return _style(fig, title, "alpha (r <- r - alpha <r, v> v; 1 = full ablation)", "mean refusal score (log-odds)",
                   note=subtitle(model, direction, n))
