@@ -5,7 +5,8 @@
 #   make lab      JupyterLab on the notebooks, in the same .venv
 #   make report   execute every notebook at full size on the main job's run into docs/notebooks/NN_*.ipynb
 #                 (static PNG figures; commit them: tests/test_notebooks.py checks they match the notebooks' code)
-#   make figures  refresh the committed figures/ from the main job's run and notebooks 04-06 at full size
+#                 and refresh figures/ from the main job's run and notebooks 04-07
+#   make figures  only refresh figures/: the main job's, and notebooks 04-07 run at full size
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -37,7 +38,7 @@ figures: $(STAMP)
 	test -f $(RUN_DIR)/report.json || { echo "run 'make run' first: figures come from $(RUN_DIR)"; exit 1; }
 	cp $(RUN_DIR)/figures/*.html $(RUN_DIR)/figures/*.png $(RUN_DIR)/figures/plotly.min.js figures/
 	HF_HUB_OFFLINE=1 $(BIN)/python notebooks/execute.py --runs runs --figures figures --out runs/report/figures \
-	  --only 04_heads 05_base_vs_chat 06_subspace
+	  --only 04_heads 05_base_vs_chat 06_subspace 07_over_refusal
 
 test: $(STAMP)
 	$(BIN)/ruff check refusal_lens tests benchmarks notebooks/*.py
@@ -48,7 +49,8 @@ lab: $(STAMP)
 
 report: $(STAMP)
 	test -f $(RUN_DIR)/report.json || { echo "run 'make run' first: the pages read $(RUN_DIR)"; exit 1; }
-	HF_HUB_OFFLINE=1 $(BIN)/python notebooks/execute.py --runs runs --out docs/notebooks
+	cp $(RUN_DIR)/figures/*.html $(RUN_DIR)/figures/*.png $(RUN_DIR)/figures/plotly.min.js figures/
+	HF_HUB_OFFLINE=1 $(BIN)/python notebooks/execute.py --runs runs --out docs/notebooks --figures figures
 
 clean-venv:
 	rm -rf $(VENV)

@@ -10,6 +10,9 @@ it; no plotly.js bundle, so each file stays small) and progress bars reduced to 
 after ``make run``::
 
     python notebooks/execute.py --runs runs --out docs/notebooks [--only 03_intervene] [--figures figures]
+
+With ``--figures figures`` the figures of the notebooks in :data:`FIGURE_NOTEBOOKS` (those the main job does not
+draw) are copied into the repository's ``figures/`` as well.
 """
 
 from __future__ import annotations
@@ -49,6 +52,10 @@ FULL_SIZE: dict[str, dict] = {
     "07_over_refusal": {"N_VAL": None, "N_TEST": None, "PICK": None, "N_NULL": 16, "MAX_NEW_TOKENS": 48,
                         "ALPHA_GRID": [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0], "FALSE_REFUSAL_ALPHAS": [0.5]},
 }
+
+
+# Notebooks whose saved figures belong in the committed figures/ (the main job draws the others' figures itself).
+FIGURE_NOTEBOOKS = ("04_heads", "05_base_vs_chat", "06_subspace", "07_over_refusal")
 
 
 def notebooks() -> list[Path]:
@@ -92,7 +99,7 @@ def _sha256(path: Path) -> str:
 def execute(path: Path, runs: Path, out: Path, model: str = MODEL, figures: Path | None = None, *,
             full_size: bool = True) -> Path:
     """Run one notebook at full size on a scratch copy of ``runs/<model>`` and write its static copy to ``out``;
-    ``figures``: where the notebook saves its figures (default: the scratch copy's ``figures/``);
+    ``figures``: a folder to copy the figures it saved into (HTML and PNG), for :data:`FIGURE_NOTEBOOKS`;
     ``full_size=False``: at the notebook's own (CI) sizes, a quick check of the machinery."""
     runs = runs.resolve()
     main = runs / model
@@ -100,8 +107,6 @@ def execute(path: Path, runs: Path, out: Path, model: str = MODEL, figures: Path
     shutil.rmtree(scratch, ignore_errors=True)
     shutil.copytree(main, scratch / model, ignore=shutil.ignore_patterns("figures"))
     parameters = {"RUNS": os.path.relpath(scratch, path.parent), **(FULL_SIZE.get(path.stem, {}) if full_size else {})}
-    if figures is not None:
-        parameters["FIGURES"] = os.path.relpath(figures.resolve(), path.parent)
     executed = scratch / path.name
     os.environ["PLOTLY_RENDERER"] = "plotly_mimetype"  # the kernel inherits it: figures arrive as JSON
     papermill.execute_notebook(str(path), str(executed), cwd=str(path.parent), parameters=parameters,
@@ -113,6 +118,11 @@ def execute(path: Path, runs: Path, out: Path, model: str = MODEL, figures: Path
     out.mkdir(parents=True, exist_ok=True)
     target = out / path.name
     nbformat.write(notebook, target)
+    saved = scratch / model / "figures"
+    if figures is not None and path.stem in FIGURE_NOTEBOOKS and saved.exists():
+        figures.mkdir(parents=True, exist_ok=True)
+        for figure in saved.iterdir():
+            shutil.copy2(figure, figures / figure.name)
     shutil.rmtree(scratch)
     size = target.stat().st_size
     if size > MAX_BYTES:
@@ -130,7 +140,7 @@ def main() -> None:
     parser.add_argument("--ci-size", action="store_true",
                         help="run at the notebooks' own small sizes: a quick check, not copies to commit")
     parser.add_argument("--figures", default=None, type=Path,
-                        help="save the notebooks' figures here (make figures: figures/); default: the scratch copy")
+                        help="copy the figures of notebooks 04-07 here (the repository's figures/)")
     arguments = parser.parse_args()
     runs, out = Path(arguments.runs).resolve(), Path(arguments.out)
     if not (runs / arguments.model / "report.json").exists():
