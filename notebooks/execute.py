@@ -88,7 +88,10 @@ def make_static(notebook: nbformat.NotebookNode) -> None:
                 output.setdefault("metadata", {})["image/png"] = size
             data.pop(WIDGET_MIME, None)
             if output.get("output_type") == "stream":
-                output["text"] = _last_state(output["text"])
+                text = _last_state(output["text"])
+                if output.get("name") == "stderr":  # progress bars that cleared themselves leave blank lines
+                    text = "".join(line for line in text.splitlines(keepends=True) if line.strip())
+                output["text"] = text
         cell.get("metadata", {}).pop("execution", None)
 
 
