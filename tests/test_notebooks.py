@@ -81,6 +81,8 @@ def test_executed_copy_runs_the_source_code_at_full_size(source):
     assert not [o for o in outputs if execute.PLOTLY_MIME in o.get("data", {})], "Plotly JSON left in the copy"
     for output in (o for o in outputs if "image/png" in o.get("data", {})):
         assert base64.b64decode(output.data["image/png"])[:8] == b"\x89PNG\r\n\x1a\n"
+    for cell in (c for c in code if c.source.strip().splitlines()[-1].strip() == "fig"):  # cells that show a figure
+        assert any("image/png" in o.get("data", {}) for o in cell.outputs), f"{copy.name}: a figure has no PNG"
     assert copy.stat().st_size <= execute.MAX_BYTES
 
 
