@@ -43,7 +43,7 @@ FULL_SIZE: dict[str, dict] = {
     "00_quickstart": {"N_TRAIN": None, "N_TEST": None, "MAX_NEW_TOKENS": 48},
     "01_extract": {"N_TRAIN": None, "N_EVAL": None, "N_BOOT": 1000},
     "02_select": {"N_VAL": 24, "POSITIONS": None, "N_NULL": 16},
-    "03_intervene": {"N_TEST": None, "MAX_NEW_TOKENS": 48, "LONG_NEW_TOKENS": 96, "N_ALPHA": 32,
+    "03_intervene": {"N_TEST": None, "MAX_NEW_TOKENS": 48, "LONG_NEW_TOKENS": 64, "N_ALPHA": 32,
                      "ALPHAS": [0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5]},
     "04_heads": {"N_PROMPTS": 96, "GCG_PROMPTS": 4, "GCG_STEPS": 30, "GCG_WIDTH": 32, "GCG_TOKENS": 12,
                  "N_RANDOM": 5, "MAX_NEW_TOKENS": 48},
@@ -89,8 +89,9 @@ def make_static(notebook: nbformat.NotebookNode) -> None:
             data.pop(WIDGET_MIME, None)
             if output.get("output_type") == "stream":
                 text = _last_state(output["text"])
-                if output.get("name") == "stderr":  # progress bars that cleared themselves leave blank lines
-                    text = "".join(line for line in text.splitlines(keepends=True) if line.strip())
+                if output.get("name") == "stderr":  # progress bars: no blank lines, a final state shown once
+                    lines = [line for line in text.splitlines(keepends=True) if line.strip()]
+                    text = "".join(line for i, line in enumerate(lines) if i == 0 or line != lines[i - 1])
                 output["text"] = text
         cell.get("metadata", {}).pop("execution", None)
 

@@ -129,7 +129,7 @@ def test_static_copy_has_png_figures_and_last_progress_state():
     notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("fig", outputs=[
         nbformat.v4.new_output("display_data", data={execute.PLOTLY_MIME: json.loads(fig.to_json()),
                                                      "text/plain": "Figure()"}),
-        nbformat.v4.new_output("stream", name="stderr", text="bar:  10%\rbar:  50%\rbar: 100%\ndone\n")])])
+        nbformat.v4.new_output("stream", name="stderr", text="bar:  10%\rbar:  50%\rbar: 100%\nbar: 100%\n\ndone\n")])])
     execute.make_static(notebook)
     display, stream = notebook.cells[0].outputs
     assert execute.PLOTLY_MIME not in display.data and display.metadata["image/png"] == {"width": 400, "height": 300}
