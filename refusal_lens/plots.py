@@ -294,9 +294,10 @@ def suffix_attention(
             fig.add_trace(go.Bar(x=labels, y=100 * rows[column], name=condition, legendgroup=condition,
                                  showlegend=col == 1, marker_color=color), row=1, col=col)
     fig.update_layout(barmode="group")
-    _style(fig, title, "", "attention from the last token (%)", height=480, width=1100, legend_below=True,
+    _style(fig, title, "", "attention from the last token (%)", height=500, width=1100, legend_below=True,
            note=subtitle(model, direction, n))
     fig.update_xaxes(title_text="head")
+    fig.update_layout(margin=dict(t=120))  # the panel titles sit below the subtitle
     return fig
 
 
