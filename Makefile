@@ -4,8 +4,10 @@
 # And, run on purpose only:
 #   make over-refusal  the over-refusal study against the main job's direction (after make run)
 #   make lab      JupyterLab on the notebooks, in the same .venv
-#   make report   execute every notebook on the main job's run into docs/notebooks/*.html (about 15 minutes)
-#   make figures  refresh the committed figures/ from the main job's run and notebooks 04-06 (about 15 minutes)
+#   make report   execute every notebook at full size on the main job's run into docs/notebooks/NN_*.ipynb
+#                 (static PNG figures; commit them: tests/test_notebooks.py checks they match the notebooks' code)
+#                 and refresh figures/ from the main job's run and notebooks 04-07
+#   make figures  only refresh figures/: the main job's, and notebooks 04-07 run at full size
 #   make docs     the documentation site, offline, into site/ (checks README's results against the run first)
 PYTHON ?= python3
 VENV   := .venv
@@ -41,12 +43,8 @@ over-refusal: $(STAMP)
 figures: $(STAMP)
 	test -f $(RUN_DIR)/report.json || { echo "run 'make run' first: figures come from $(RUN_DIR)"; exit 1; }
 	cp $(RUN_DIR)/figures/*.html $(RUN_DIR)/figures/*.png $(RUN_DIR)/figures/plotly.min.js figures/
-	cd notebooks && HF_HUB_OFFLINE=1 ../$(BIN)/papermill 04_heads.ipynb /tmp/04.ipynb -p RUNS ../runs -p FIGURES ../figures \
-	  -p N_PROMPTS 96 -p GCG_PROMPTS 4 -p GCG_STEPS 30 -p GCG_WIDTH 32 -p GCG_TOKENS 12 -p N_RANDOM 5 -p MAX_NEW_TOKENS 48
-	cd notebooks && HF_HUB_OFFLINE=1 ../$(BIN)/papermill 05_base_vs_chat.ipynb /tmp/05.ipynb -p RUNS ../runs \
-	  -p FIGURES ../figures -p N_TRAIN 100 -p N_TEST 48 -p MAX_NEW_TOKENS 48
-	cd notebooks && HF_HUB_OFFLINE=1 ../$(BIN)/papermill 06_subspace.ipynb /tmp/06.ipynb -p RUNS ../runs \
-	  -p FIGURES ../figures -p K_MAX 8 -p N_TEST 32 -p MAX_NEW_TOKENS 32
+	HF_HUB_OFFLINE=1 $(BIN)/python notebooks/execute.py --runs runs --figures figures --out runs/report/figures \
+	  --only 04_heads 05_base_vs_chat 06_subspace 07_over_refusal
 
 test: $(STAMP)
 	$(BIN)/ruff check refusal_lens tests benchmarks notebooks/*.py
@@ -57,7 +55,8 @@ lab: $(STAMP)
 
 report: $(STAMP)
 	test -f $(RUN_DIR)/report.json || { echo "run 'make run' first: the pages read $(RUN_DIR)"; exit 1; }
-	HF_HUB_OFFLINE=1 $(BIN)/python notebooks/render_html.py --runs runs --out docs/notebooks
+	cp $(RUN_DIR)/figures/*.html $(RUN_DIR)/figures/*.png $(RUN_DIR)/figures/plotly.min.js figures/
+	HF_HUB_OFFLINE=1 $(BIN)/python notebooks/execute.py --runs runs --out docs/notebooks --figures figures
 
 # README.md's and the docs pages' result blocks must equal the main job's report.json where a run exists
 # (`python docs/gen_results.py` rewrites them); the site builds offline, strict: a broken link fails it.
