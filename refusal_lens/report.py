@@ -67,7 +67,8 @@ def _over_refusal_lines(over: dict | None) -> list[str]:
     if "selected" not in over:
         return lines
     sel = over["selected"]
-    lines.append(f"  false-refusal vector    pos {sel['pos']}, layer {sel['layer']}, orthogonalize {sel['orthogonalize']:g}")
+    lines.append(f"  false-refusal vector    pos {sel['pos']}, layer {sel['layer']}, "
+                 f"orthogonalize {sel['orthogonalize']:g}")
     for split in ("test", "holdout"):
         if split not in over:
             continue

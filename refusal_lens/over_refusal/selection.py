@@ -22,20 +22,11 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .. import kl_null
+from .. import kl_null, rule
 from ..directions import Directions
 from ..interventions import ablate
 from ..models import Model
-from ..rule import (
-    Bound,
-    Rule,
-    SelectionError,
-    Thresholds,
-    candidate_sites,
-    check_fallback,
-    max_candidate_layer,
-    rule_table,
-)
+from ..rule import Thresholds
 from ..scorer import Scorer
 from .candidates import PAPER_ORTHOGONALIZE, candidate_vector, check_orthogonalize, refusal_cosines, unit_refusal
 
@@ -72,7 +63,7 @@ class FalseRefusalSelection:
             KL), ``stage`` (``"site"`` or ``"orthogonalize"``), ``kept``, ``chosen``, ``reason``.
         best: ``(pos, layer, orthogonalize)`` of the pick, or ``None``.
         rule: which rule produced ``best`` (:data:`PAPER_RULE` or :data:`FALLBACK_RULE`), or ``None``.
-        thresholds: the filters, fixed before scoring (:class:`~refusal_lens.rule.Thresholds`).
+        thresholds: the filters, fixed before scoring (:class:`~refusal_lens.Thresholds`).
         baseline: unablated val scores: ``false_refusal``, ``look_risky_refusing``, ``harmful_score``,
             ``harmful_refusing``.
         null_kl: mean KL of each random unit direction ablated on the harmless val prompts.
@@ -95,7 +86,7 @@ class FalseRefusalSelection:
     def direction(self) -> Float[Tensor, " d_model"]:
         """The chosen false-refusal unit vector (float64, CPU); :class:`SelectionError` when there is none."""
         if self.best is None:
-            raise SelectionError("no false-refusal candidate passed the filters; see .table (reason) and "
+            raise rule.SelectionError("no false-refusal candidate passed the filters; see .table (reason) and "
                                  ".thresholds, or select with fallback='lowest-kl'")
         return candidate_vector(self.candidates, self.refusal_direction, *self.best)
 
@@ -109,12 +100,12 @@ class FalseRefusalSelection:
 def false_refusal_thresholds(baseline: dict, *, keep_harmful: float, kl_max: float, kl_rule: str, max_layer: int,
                              fallback: str | None) -> Thresholds:
     """The rule (module docstring) with bounds from the unablated val ``baseline``."""
-    keep = Rule("paper", PAPER_RULE, (
-        Bound("false_refusal", "<", baseline["false_refusal"], failure="does not lower the false-refusal score"),
-        Bound("harmful_kept", ">=", keep_harmful), Bound("kl", "<=", kl_max)), "false_refusal")
-    lowest_kl = Rule("lowest-kl", FALLBACK_RULE, (
-        Bound("harmful_kept", ">=", keep_harmful),
-        Bound("look_risky_refusing", "<=", 0.5 * baseline["look_risky_refusing"])), "kl")
+    keep = rule.Rule("paper", PAPER_RULE, (
+        rule.Bound("false_refusal", "<", baseline["false_refusal"], failure="does not lower the false-refusal score"),
+        rule.Bound("harmful_kept", ">=", keep_harmful), rule.Bound("kl", "<=", kl_max)), "false_refusal")
+    lowest_kl = rule.Rule("lowest-kl", FALLBACK_RULE, (
+        rule.Bound("harmful_kept", ">=", keep_harmful),
+        rule.Bound("look_risky_refusing", "<=", 0.5 * baseline["look_risky_refusing"])), "kl")
     return Thresholds(keep, lowest_kl if fallback else None, kl_max, kl_rule, max_layer)
 
 
@@ -180,7 +171,7 @@ class _Entries:
             rows.append({**scores, "kl_null_quantile": float((null_kl < entry["kl"]).double().mean()) if scored
                          else float("nan"),
                          "chosen": best is not None and (entry["pos"], entry["layer"], entry["orthogonalize"]) == best})
-        return rule_table(rows, self.thresholds, columns=_COLUMNS, unscored=_UNSCORED)
+        return rule.rule_table(rows, self.thresholds, columns=_COLUMNS, unscored=_UNSCORED)
 
 
 def _checked_shares(orthogonalize: Sequence[float], lambdas: Sequence[float] | None) -> list[float]:
@@ -256,13 +247,13 @@ def select_false_refusal(
     every site that could be its pick; every site with ``full_table``), plus ``n_null`` passes over
     ``harmless`` and three passes per extra share.
     """
-    check_fallback(fallback)
+    rule.check_fallback(fallback)
     if not 0 < keep_harmful <= 1:
         raise ValueError(f"keep_harmful must lie in (0, 1], got {keep_harmful}")
     shares, n_null = _checked_shares(orthogonalize, lambdas), kl_null.null_size(kl_max, n_null)
     r = unit_refusal(refusal_direction, model.cfg.d_model)
-    max_layer = max_candidate_layer(model.cfg.n_layers, max_layer_frac)
-    sites = [(candidates.positions[p], candidates.layers[l]) for p, l in candidate_sites(candidates, max_layer)]
+    max_layer = rule.max_candidate_layer(model.cfg.n_layers, max_layer_frac)
+    sites = [(candidates.positions[p], candidates.layers[l]) for p, l in rule.candidate_sites(candidates, max_layer)]
     scorers = {name: Scorer(model, prompts, batch_size)
                for name, prompts in (("look_risky", look_risky), ("harmful", harmful), ("harmless", harmless))}
     baseline = _baseline(scorers)
@@ -275,14 +266,14 @@ def select_false_refusal(
     entries = _Entries(model, scorers, candidates, r, cosine, thresholds, baseline, progress)
     site_entries = [entries.row(pos, layer, shares[0], "site") for pos, layer in sites]
     entries.score_stage(site_entries, everything=full_table)
-    index, rule = thresholds.choose_row(site_entries)
+    index, rule_text = thresholds.choose_row(site_entries)
     best = None
     if index is not None:
         site = site_entries[index]
         share_entries = [site] + [entries.row(site["pos"], site["layer"], s, "orthogonalize") for s in shares[1:]]
         entries.score_stage(share_entries, everything=True)
-        index, rule = thresholds.choose_row(share_entries)
+        index, rule_text = thresholds.choose_row(share_entries)
         chosen = share_entries[index]
         best = (int(chosen["pos"]), int(chosen["layer"]), float(chosen["orthogonalize"]))
-    return FalseRefusalSelection(entries.table(null_kl, best), best, rule if best else None, thresholds, baseline,
+    return FalseRefusalSelection(entries.table(null_kl, best), best, rule_text if best else None, thresholds, baseline,
                                  null_kl, candidates, r, tuple(shares))
