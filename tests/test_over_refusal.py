@@ -114,6 +114,22 @@ def test_prompts_of_a_split_combine_the_sets():
     assert holdout.all_harmful == list(holdout.harmful_counterparts)
 
 
+def test_deprecated_names_still_work_and_warn():
+    from dataclasses import asdict
+
+    from refusal_lens import over_refusal
+
+    val = over_refusal_prompts("val")
+    with pytest.warns(DeprecationWarning, match="harmful_counterparts"):
+        assert val.twins == val.harmful_counterparts
+    with pytest.warns(DeprecationWarning, match="orthogonalize"):
+        config = OverRefusalConfig(lambdas=(0.5, 1.0))
+    assert config.orthogonalize == (0.5, 1.0) and "lambdas" not in asdict(config)
+    assert replace(config, n_val=3).orthogonalize == (0.5, 1.0)
+    with pytest.warns(DeprecationWarning, match="PAPER_ORTHOGONALIZE"):
+        assert over_refusal.PAPER_LAMBDA == over_refusal.PAPER_ORTHOGONALIZE == 1.0
+
+
 # ------------------------------------------------------------------ planted model
 A, B, FILLER = " apple", " pear", " x"
 D_MODEL = 16
