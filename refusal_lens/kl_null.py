@@ -24,7 +24,8 @@ from .interventions import ablate
 from .models import Model
 from .scorer import Scorer
 
-__all__ = ["check_kl_max", "resolve_kl_max", "random_directions", "null_kl", "random_direction_kl", "summary"]
+__all__ = ["check_kl_max", "resolve_kl_max", "null_size", "random_directions", "null_kl", "random_direction_kl",
+           "share_below", "summary"]
 
 # The null's size when a "null:q" threshold needs it and none was asked for.
 DEFAULT_N_NULL = 16
@@ -92,6 +93,11 @@ def random_direction_kl(
     return null_kl(model, Scorer(model, instructions, batch_size), n_directions, seed)
 
 
+def share_below(null: Float[Tensor, " n_directions"], kl: float) -> float:
+    """Share of the random directions whose KL is below ``kl``: a direction's quantile in the null."""
+    return float((null < kl).double().mean())
+
+
 def summary(null: Float[Tensor, " n_directions"], *, below: float | None = 0.1, kl: float | None = None) -> dict:
     """The null as JSON: ``n``, ``median``, ``min``, ``max`` and ``values`` (nats, 5 digits); with ``below``,
     ``share_below_<below>`` (share of random directions under that many nats, default the paper's 0.1); with
@@ -102,5 +108,5 @@ def summary(null: Float[Tensor, " n_directions"], *, below: float | None = 0.1, 
         out[f"share_below_{below:g}"] = round(float((null < below).double().mean()), 4)
     out["values"] = [round(float(x), 5) for x in null]
     if kl is not None:
-        out["share_below"] = round(float((null < kl).double().mean()), 4)
+        out["share_below"] = round(share_below(null, kl), 4)
     return out

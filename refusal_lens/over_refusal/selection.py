@@ -166,11 +166,11 @@ class _Entries:
     def table(self, null_kl: Tensor | None, best: tuple | None) -> pd.DataFrame:
         rows = []
         for entry in self.rows.values():
-            scored = null_kl is not None and "kl" in entry
-            scores = {k: v for k, v in entry.items() if k != "vector"}
-            rows.append({**scores, "kl_null_quantile": float((null_kl < entry["kl"]).double().mean()) if scored
-                         else float("nan"),
-                         "chosen": best is not None and (entry["pos"], entry["layer"], entry["orthogonalize"]) == best})
+            row = {k: v for k, v in entry.items() if k != "vector"}
+            if null_kl is not None and "kl" in entry:
+                row["kl_null_quantile"] = kl_null.share_below(null_kl, entry["kl"])
+            row["chosen"] = best is not None and (entry["pos"], entry["layer"], entry["orthogonalize"]) == best
+            rows.append(row)
         return rule.rule_table(rows, self.thresholds, columns=_COLUMNS, unscored=_UNSCORED)
 
 
