@@ -58,7 +58,8 @@ def resolve_kl_max(kl_max: float | str, null: Tensor | None) -> tuple[float, str
 def null_size(kl_max: float | str, n_null: int) -> int:
     """How many random directions to ablate: ``n_null``, or :data:`DEFAULT_N_NULL` when it is 0 and ``kl_max``
     is a ``"null:q"`` threshold (checked by :func:`check_kl_max`)."""
-    return n_null or (DEFAULT_N_NULL if check_kl_max(kl_max) is not None else 0)
+    quantile = check_kl_max(kl_max)  # raises on a malformed threshold, whatever n_null is
+    return n_null or (DEFAULT_N_NULL if quantile is not None else 0)
 
 
 def random_directions(n_directions: int, d_model: int, seed: int) -> Float[Tensor, "n_directions d_model"]:

@@ -223,6 +223,8 @@ def test_null_summary_against_hand_computation():
     assert kl_null.resolve_kl_max("null:0.5", null) == (float(torch.quantile(null, 0.5)), "null:0.5")
     assert kl_null.resolve_kl_max(0.1, None) == (0.1, "0.1")
     assert kl_null.null_size("null:0.5", 0) == kl_null.DEFAULT_N_NULL and kl_null.null_size(0.1, 0) == 0
+    with pytest.raises(ValueError, match="kl_max='null:2'"):
+        kl_null.null_size("null:2", 4)  # checked even when the null's size is given
     directions = kl_null.random_directions(3, 8, seed=1)
     expected = torch.randn(3, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     torch.testing.assert_close(directions, expected / expected.norm(dim=-1, keepdim=True), rtol=0, atol=0)
