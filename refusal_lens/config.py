@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from .kl_null import check_kl_max
 from .options import comma_separated, option
-from .selection import FALLBACKS, check_kl_max
+from .rule import check_fallback
 
 
 def _kl_max(text: str) -> float | str:
@@ -83,9 +84,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         """Clear errors before any model is loaded."""
         check_kl_max(self.kl_max)
-        if self.fallback is not None and self.fallback not in FALLBACKS:
-            raise ValueError(f"unknown fallback {self.fallback!r}; choose none (the paper's: stop) or one of "
-                             f"{FALLBACKS}")
+        check_fallback(self.fallback)
         if self.direction is not None and self.direction_layer is None:
             raise ValueError("an external direction needs the layer to add it at: pass direction_layer "
                              "(--direction-layer)")

@@ -28,7 +28,7 @@ import pandas as pd
 from jaxtyping import Float
 from torch import Tensor
 
-from . import plots, stats
+from . import kl_null, plots, stats
 from .config import RunConfig
 from .data import ContrastSet, load_splits
 from .directions import Directions, diff_in_means, load_direction
@@ -37,7 +37,7 @@ from .manifest import file_sha256
 from .models import Model
 from .over_refusal import OverRefusalConfig, over_refusal_stage
 from .runs import RunFolder
-from .selection import Selection, SelectionError, null_summary, random_direction_kl, select_direction
+from .selection import Selection, SelectionError, random_direction_kl, select_direction
 
 MIN_KEPT_SHARE = 0.5  # the filter may drop at most half of a side before the run refuses to go on
 
@@ -144,9 +144,9 @@ class Choice:
     def report(self) -> dict:
         report: dict = {"selected": self.selected}
         if self.null_kl is not None:
-            report["kl_random_directions"] = null_summary(self.null_kl)
+            report["kl_random_directions"] = kl_null.summary(self.null_kl)
         if self.selection is not None:
-            report["selection_rule"] = {**asdict(self.selection.thresholds), "rule": self.selection.rule}
+            report["selection_rule"] = {**self.selection.thresholds.summary(), "rule": self.selection.rule}
             if self.selection.best is None:
                 report["selection_failed"] = self.selection.failure_message()
         return report
@@ -351,7 +351,7 @@ def run_over_refusal(model: Model, run_dir: str | Path, config: OverRefusalConfi
         folder.save_table(pd.DataFrame(report["selection"]["table"]), "over_refusal_selection")
     if false_refusal is not None:
         source = (f"false-refusal vector: look-risky minus harmless at pos {meta['pos']}, layer {meta['layer']}, "
-                  f"λ = {meta['lambda']:g} of its component along the refusal direction removed; {meta['rule']}")
+                  f"{meta['orthogonalize']:g} of its component along the refusal direction removed; {meta['rule']}")
         path = folder.save_direction(false_refusal, layer=meta["layer"], position=meta["pos"], source=source,
                                      name="false_refusal")
         report["file"] = path.name

@@ -65,7 +65,8 @@ def over_refusal_lines(over: dict) -> list[str]:
     if "selected" not in over:
         return lines
     sel = over["selected"]
-    lines.append(f"  false-refusal vector    pos {sel['pos']}, layer {sel['layer']}, λ = {sel['lambda']:g}")
+    lines.append(f"  false-refusal vector    pos {sel['pos']}, layer {sel['layer']}, "
+                 f"orthogonalize {sel['orthogonalize']:g}")
     for split in ("test", "holdout"):
         if split not in over:
             continue

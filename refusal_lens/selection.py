@@ -17,15 +17,18 @@ stops, and so does :meth:`Selection.pick`, with an error that lists the closest
 candidates. Two named deviations, both off by default and recorded on the result:
 
 * ``kl_max="null:q"``: the KL threshold is the ``q``-quantile of the KL of
-  ablating random unit directions on the same harmless prompts (see
-  :func:`random_direction_kl`). The paper's absolute 0.1 nats was set on models
-  2048-8192 wide; on a 576-wide model the median random direction already moves
-  the next token by about 0.1 nats. The null is computed before any candidate
-  is scored, from random directions only, so no candidate's score can move it.
+  ablating random unit directions on the same harmless prompts
+  (:mod:`refusal_lens.kl_null`; the paper's absolute 0.1 nats was set on models
+  2048-8192 wide). The null is computed before any candidate is scored, from
+  random directions only, so no candidate's score can move it.
 * ``fallback="lowest-kl"``: when no candidate passes, take the lowest-KL
   candidate among those that bypass (``bypass < 0``: harmful prompts no longer
   more likely refused than not) and induce (``induce >= induce_min``). It never
   ignores KL, and the result says that the fallback produced the pick.
+
+The rule, its fallback and the table are :mod:`refusal_lens.rule`'s, the scoring
+:mod:`refusal_lens.scorer`'s; this module adds the three scores and the order in
+which they are computed.
 
 Speed: prompts are tokenized once and the unmodified runs happen once; the
 layer filter drops candidates before any scoring; only the last position is
@@ -47,8 +50,7 @@ three for every candidate, for plots).
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,53 +60,45 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .chat import check_instructions
+from . import kl_null
 from .directions import Directions
 from .interventions import ablate, add
-from .metrics import LAST_POSITION_ONLY, kl_divergence, refusal_log_odds
+from .kl_null import check_kl_max, random_direction_kl, resolve_kl_max
 from .models import Model
+from .rule import (
+    Bound,
+    Rule,
+    SelectionError,
+    Thresholds,
+    candidate_sites,
+    check_fallback,
+    max_candidate_layer,
+    rule_table,
+)
+from .scorer import Scorer
+
+__all__ = ["select_direction", "Selection", "SelectionError", "Thresholds", "random_direction_kl",
+           "max_candidate_layer", "refusal_thresholds", "check_kl_max", "resolve_kl_max", "PAPER_RULE",
+           "FALLBACK_RULE"]
 
 # Induce is scored first for every candidate when fewer than this share of the probes pass it.
 _INDUCE_FIRST_BELOW = 0.5
 _N_PROBES = 8
-FALLBACKS = ("lowest-kl",)
 PAPER_RULE = "paper: lowest bypass among candidates with induce >= min, KL <= max, layer < int(0.8 L)"
 FALLBACK_RULE = "fallback lowest-kl: lowest KL among candidates with bypass < 0 and induce >= min"
+_SCORES = ("bypass", "induce", "kl")
+_COLUMNS = ("pos", "layer", *_SCORES, "scored", "kept", "reason")
+_UNSCORED = "not a finalist (higher bypass than the winner)"
 
 
-class SelectionError(RuntimeError):
-    """No candidate passed the selection rule; the message lists the closest ones and the options.
-
-    ``report``: the run's report as written when the main job stopped here (``None`` outside the main job).
-    """
-
-    def __init__(self, message: str, *, report: dict | None = None):
-        super().__init__(message)
-        self.report = report
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """The filters a selection ran with, resolved to numbers.
-
-    Attributes:
-        kl_max: a candidate passes with mean KL <= this (nats).
-        kl_rule: how ``kl_max`` was set: ``"0.1"`` (absolute, as given) or ``"null:0.5"``
-            (that quantile of the random-direction KL null).
-        induce_min: a candidate passes with mean induce score >= this (nats).
-        max_layer: candidates come from layers ``< max_layer`` (``int(max_layer_frac * n_layers)``).
-        fallback: ``None`` (the paper: stop when nothing passes) or ``"lowest-kl"``.
-    """
-
-    kl_max: float
-    kl_rule: str
-    induce_min: float
-    max_layer: int
-    fallback: str | None
-
-    def describe(self) -> str:
-        return (f"induce >= {self.induce_min:g}, KL <= {self.kl_max:.4g} ({self.kl_rule}), "
-                f"layer < {self.max_layer}")
+def refusal_thresholds(*, kl_max: float, kl_rule: str, induce_min: float, max_layer: int,
+                       fallback: str | None) -> Thresholds:
+    """The paper's rule (lowest ``bypass`` with ``induce >= induce_min`` and ``kl <= kl_max``) and, with
+    ``fallback="lowest-kl"``, the lowest ``kl`` with ``bypass < 0`` and ``induce >= induce_min``."""
+    check_fallback(fallback)
+    keep = Rule("paper", PAPER_RULE, (Bound("induce", ">=", induce_min), Bound("kl", "<=", kl_max)), "bypass")
+    lowest_kl = Rule("lowest-kl", FALLBACK_RULE, (Bound("bypass", "<", 0.0), Bound("induce", ">=", induce_min)), "kl")
+    return Thresholds(keep, lowest_kl if fallback else None, kl_max, kl_rule, max_layer)
 
 
 @dataclass
@@ -117,7 +111,7 @@ class Selection:
             when induce passed or ``full_table``), ``kept`` (passes the filters), ``reason``.
         best: ``(pos, layer)`` chosen by :attr:`rule`, or ``None``.
         rule: which rule produced ``best`` (:data:`PAPER_RULE` or :data:`FALLBACK_RULE`), or ``None``.
-        thresholds: the filters, resolved (:class:`Thresholds`).
+        thresholds: the filters, resolved (:class:`~refusal_lens.rule.Thresholds`).
         baseline: mean refusal score of the harmful and harmless prompts, unmodified.
         win_rate: share of bootstrap resamples of the val prompts in which the same rule picks
             ``best`` again (among the scored candidates; the thresholds stay fixed), or ``None``.
@@ -159,12 +153,13 @@ class Selection:
     def failure_message(self, n_closest: int = 5) -> str:
         """Why nothing was picked: the thresholds, the closest candidates and what to do."""
         scored = self.table[self.table.scored]
-        inducing = scored[scored.induce >= self.thresholds.induce_min].sort_values("kl")
+        inducing = scored[scored.induce >= self.thresholds.bound("induce")].sort_values("kl")
         closest = (inducing if len(inducing) else scored.sort_values("induce", ascending=False)).head(n_closest)
         rows = "; ".join(f"pos {int(r.pos)} layer {int(r.layer)}: bypass {r.bypass:.2f}, induce {r.induce:.2f}, "
                          f"KL {r.kl:.3f}" for r in closest.itertuples())
-        fallback = (f" The fallback {self.thresholds.fallback!r} found no candidate with bypass < 0 and "
-                    "induce >= min either." if self.thresholds.fallback else "")
+        fallback = self.thresholds.fallback
+        fallback = (f" The fallback {fallback.name!r} found no candidate with bypass < 0 and induce >= min either."
+                    if fallback else "")
         return (
             f"no candidate passed the paper's filters ({self.thresholds.describe()}).{fallback} Closest "
             f"{'by KL among those that induce refusal' if len(inducing) else 'by induce'}: {rows or 'none scored'}. "
@@ -174,84 +169,11 @@ class Selection:
         )
 
 
-class _Scorer:
-    """Last-position logits of pre-tokenized prompt batches under a list of hooks.
-
-    ``logits(record_from=l)`` also keeps, per batch, the input of every block from ``l`` on (hidden
-    states and the keyword arguments the model passed: mask, position ids, rotary tables), so that
-    ``logits_from(layer)`` can run only blocks ``layer..n_layers-1``: the same result as a full pass
-    whose hooks change nothing before ``resid_pre`` of ``layer``.
-    """
-
-    def __init__(self, model: Model, instructions: Sequence[str], batch_size: int):
-        self.model, self.n_prompts = model, len(instructions)
-        self.batches = [
-            model.chat.tokenize(instructions[s : s + batch_size]) for s in range(0, len(instructions), batch_size)
-        ]
-        self.block_inputs: list[dict[int, tuple[Tensor, dict]]] = []
-
-    def logits(self, hooks: Iterable = (), *, record_from: int | None = None) -> Float[Tensor, "batch d_vocab"]:
-        device = self.model.cfg.device
-        recorded: dict[int, tuple[Tensor, dict]] = {}
-
-        def record(layer: int):
-            def pre_hook(_module, args, kwargs):
-                hidden = args[0] if args else kwargs["hidden_states"]
-                kept = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "use_cache")}
-                recorded[layer] = (hidden, {**kept, "use_cache": False})
-            return pre_hook
-
-        layers = [] if record_from is None else range(record_from, self.model.cfg.n_layers)
-        handles = [self.model.blocks[l].register_forward_pre_hook(record(l), with_kwargs=True) for l in layers]
-        rows = []
-        try:
-            with torch.no_grad(), self.model.hooks(fwd_hooks=[*hooks, LAST_POSITION_ONLY]):
-                for batch in self.batches:
-                    out = self.model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-                    rows.append(out[:, -1].float().cpu())
-                    if layers:
-                        self.block_inputs.append(dict(recorded))
-        finally:
-            for handle in handles:
-                handle.remove()
-        return torch.cat(rows)
-
-    def logits_from(self, layer: int, hooks: Iterable = ()) -> Float[Tensor, "batch d_vocab"]:
-        """Last-position logits from the recorded input of block ``layer`` on, with ``hooks`` active."""
-        model, rows = self.model, []
-        with torch.no_grad(), model.hooks(fwd_hooks=list(hooks)):
-            for recorded in self.block_inputs:
-                hidden = recorded[layer][0]
-                for block in range(layer, model.cfg.n_layers):
-                    out = model.blocks[block](hidden, **recorded[block][1])
-                    hidden = out[0] if isinstance(out, tuple) else out
-                rows.append(model.unembed(model.ln_final(hidden[:, -1:]))[:, -1].float().cpu())
-        return torch.cat(rows)
-
-
-def _replay_reproduces(scorer: _Scorer, layer: int, reference: Tensor) -> bool:
-    """Whether running blocks ``layer..`` from recorded inputs gives the full pass's logits (else warn)."""
-    try:
-        replayed = scorer.logits_from(layer)
-        error = float((replayed - reference).abs().max())
-    except Exception as exc:  # an architecture whose blocks need more than their recorded inputs
-        error, reason = math.inf, f"{type(exc).__name__}: {exc}"
-    else:
-        reason = f"max |difference| {error:.2e}"
-    if error <= 1e-4 * max(1.0, float(reference.abs().max())):
-        return True
-    warnings.warn(f"replaying blocks from layer {layer} does not reproduce the full forward pass on this model "
-                  f"({reason}); induce is scored with full forward passes instead (slower, same result)", stacklevel=3)
-    return False
-
-
 class _CandidateScores:
     """Per-prompt scores of the candidates, each computed on first request and kept."""
 
-    def __init__(self, model: Model, directions: Directions, harmful: _Scorer, harmless: _Scorer,
-                 harmless_reference: Tensor, replay: bool):
-        self.model, self.directions = model, directions
-        self.harmful, self.harmless, self.reference, self.replay = harmful, harmless, harmless_reference, replay
+    def __init__(self, model: Model, directions: Directions, harmful: Scorer, harmless: Scorer):
+        self.model, self.directions, self.harmful, self.harmless = model, directions, harmful, harmless
         self.unit = directions.unit()
         self.per_prompt: dict[tuple[int, int], dict[str, Tensor]] = {}
 
@@ -266,45 +188,12 @@ class _CandidateScores:
         return {k: float(v.mean()) for k, v in self.per_prompt.get((p, l), {}).items()}
 
     def _compute(self, name: str, p: int, l: int) -> Float[Tensor, " prompt"]:
-        model, tokens = self.model, self.model.chat.refusal_tokens
         if name == "induce":
             layer = self.directions.layers[l]
-            addition = add(model, self.directions.vectors[p, l], layer=layer).hooks
-            logits = self.harmless.logits_from(layer, addition) if self.replay else self.harmless.logits(addition)
-            return refusal_log_odds(logits, tokens)
-        ablation = ablate(model, self.unit[p, l]).hooks
-        if name == "bypass":
-            return refusal_log_odds(self.harmful.logits(ablation), tokens)
-        return kl_divergence(self.reference, self.harmless.logits(ablation))
-
-
-def max_candidate_layer(n_layers: int, max_layer_frac: float = 0.8) -> int:
-    """Candidates come from layers ``< int(max_layer_frac * n_layers)``: the paper's ``prune_layer_percentage``
-    filter (``layer >= int(n_layer * (1.0 - 0.2))`` is discarded), e.g. 14 of 18 layers, 19 of 24, 25 of 32."""
-    return int(max_layer_frac * n_layers)
-
-
-def _passes(scores: dict[str, float], thresholds: Thresholds) -> bool:
-    """The paper's filter (NaN or a missing score fails)."""
-    return (all(name in scores and not math.isnan(scores[name]) for name in ("bypass", "induce", "kl"))
-            and scores["induce"] >= thresholds.induce_min and scores["kl"] <= thresholds.kl_max)
-
-
-def _choose(
-    bypass: np.ndarray, induce: np.ndarray, kl: np.ndarray, thresholds: Thresholds
-) -> tuple[int | None, str | None]:
-    """Index of the candidate the rule picks from mean scores (NaN = not scored = failing), and the rule used."""
-    with np.errstate(invalid="ignore"):
-        complete = np.isfinite(bypass) & np.isfinite(induce) & np.isfinite(kl)
-        inducing = complete & (induce >= thresholds.induce_min)
-        passing = inducing & (kl <= thresholds.kl_max)
-        if passing.any():
-            return int(np.argmin(np.where(passing, bypass, np.inf))), PAPER_RULE
-        if thresholds.fallback == "lowest-kl":
-            eligible = inducing & (bypass < 0)
-            if eligible.any():
-                return int(np.argmin(np.where(eligible, kl, np.inf))), FALLBACK_RULE
-    return None, None
+            return self.harmless.refusal(add(self.model, self.directions.vectors[p, l], layer=layer).hooks,
+                                         from_layer=layer)
+        ablation = ablate(self.model, self.unit[p, l]).hooks
+        return self.harmful.refusal(ablation) if name == "bypass" else self.harmless.kl(ablation)
 
 
 def _score_lazily(scores: _CandidateScores, candidates: list[tuple[int, int]], thresholds: Thresholds, *,
@@ -318,7 +207,7 @@ def _score_lazily(scores: _CandidateScores, candidates: list[tuple[int, int]], t
     visits every contender, so each candidate the fallback could take has all three scores.
     """
     def induces(c: tuple[int, int]) -> bool:
-        return scores.mean("induce", *c) >= thresholds.induce_min
+        return scores.mean("induce", *c) >= thresholds.bound("induce")
 
     probes = [candidates[i] for i in np.linspace(0, len(candidates) - 1, min(_N_PROBES, len(candidates))).astype(int)]
     induce_first = full_table or float(np.mean([induces(c) for c in probes])) < _INDUCE_FIRST_BELOW
@@ -336,61 +225,24 @@ def _score_lazily(scores: _CandidateScores, candidates: list[tuple[int, int]], t
         if full_table or induces(c):
             scores.mean("kl", *c)
         judged += 1
-        passed += _passes(scores.known(*c), thresholds)
-
-
-def _reason(valid: bool, layer: int, known: dict[str, float], thresholds: Thresholds) -> str:
-    if not valid:
-        return "zero-norm candidate"
-    if layer >= thresholds.max_layer:
-        return "layer filter"
-    induce_fails = "induce" in known and not known["induce"] >= thresholds.induce_min
-    if not induce_fails and "kl" not in known:
-        return "not a finalist (higher bypass than the winner)"
-    problems = [f"induce < {thresholds.induce_min:g}"] if induce_fails else []
-    missing = [name for name in ("bypass", "KL") if name.lower() not in known]
-    if missing:
-        problems.append(f"{' and '.join(missing)} not scored")
-    if "kl" in known and not known["kl"] <= thresholds.kl_max:
-        problems.append(f"KL > {thresholds.kl_max:.4g}")
-    return "; ".join(problems) or "kept"
+        passed += thresholds.keep.passes(scores.known(*c))
 
 
 def _table(scores: _CandidateScores, thresholds: Thresholds) -> pd.DataFrame:
+    """Every candidate, including the zero-norm ones and those above the layer filter."""
     directions, rows = scores.directions, []
+    induce_min = thresholds.bound("induce")
     for p, pos in enumerate(directions.positions):
         for l, layer in enumerate(directions.layers):
             known = scores.known(p, l)
-            judged = "induce" in known and ("kl" in known or not known["induce"] >= thresholds.induce_min)
-            rows.append({"pos": pos, "layer": layer, "bypass": known.get("bypass", math.nan),
-                         "induce": known.get("induce", math.nan), "kl": known.get("kl", math.nan),
-                         "scored": judged, "kept": _passes(known, thresholds),
-                         "reason": _reason(bool(directions.valid[p, l]), layer, known, thresholds)})
-    return pd.DataFrame(rows)
-
-
-def resolve_kl_max(kl_max: float | str, null_kl: Tensor | None) -> tuple[float, str]:
-    """The KL limit in nats and how it was set: ``kl_max`` itself, or the ``q`` quantile of ``null_kl``
-    for ``"null:q"``."""
-    if isinstance(kl_max, str):
-        q = float(kl_max.removeprefix("null:"))
-        return float(torch.quantile(null_kl, q)), f"null:{q:g}"
-    return float(kl_max), f"{kl_max:g}"
-
-
-def check_kl_max(kl_max: float | str) -> float | None:
-    """The null quantile of a ``"null:q"`` threshold, ``None`` for an absolute one; raises on anything else."""
-    if isinstance(kl_max, str):
-        try:
-            q = float(kl_max.removeprefix("null:")) if kl_max.startswith("null:") else math.nan
-        except ValueError:
-            q = math.nan
-        if not 0 <= q <= 1:
-            raise ValueError(f"kl_max={kl_max!r}: give nats (e.g. 0.1) or 'null:q' with q in [0, 1] (e.g. 'null:0.5')")
-        return q
-    if not kl_max > 0:
-        raise ValueError(f"kl_max must be > 0 nats, got {kl_max}")
-    return None
+            judged = "induce" in known and ("kl" in known or not known["induce"] >= induce_min)
+            row = {"pos": pos, "layer": layer, **known, "scored": judged}
+            if not directions.valid[p, l]:
+                row["reason"] = "zero-norm candidate"
+            elif layer >= thresholds.max_layer:
+                row["reason"] = "layer filter"
+            rows.append(row)
+    return rule_table(rows, thresholds, columns=_COLUMNS, unscored=_UNSCORED)
 
 
 def select_direction(
@@ -427,87 +279,32 @@ def select_direction(
     candidate layer on, ``n_harmless x seq x d_model`` values per layer in the model's dtype (e.g.
     Qwen-1.8B, 32 prompts of 64 tokens, 24 layers, bf16: about 200 MB on the model's device).
     """
-    if directions.hook != "resid_pre":
-        raise ValueError(f"selection ablates and adds at resid_pre; these directions come from {directions.hook!r}")
-    if fallback is not None and fallback not in FALLBACKS:
-        raise ValueError(f"unknown fallback {fallback!r}; choose None (the paper's: stop) or one of {FALLBACKS}")
-    null_quantile = check_kl_max(kl_max)
-    harmful = _Scorer(model, check_instructions(harmful_val, model.chat), batch_size)
-    harmless = _Scorer(model, check_instructions(harmless_val, model.chat), batch_size)
+    check_fallback(fallback)
+    n_null = kl_null.null_size(kl_max, n_null)
+    harmful, harmless = Scorer(model, harmful_val, batch_size), Scorer(model, harmless_val, batch_size)
     max_layer = max_candidate_layer(model.cfg.n_layers, max_layer_frac)
-    candidates = [(p, l) for p in range(len(directions.positions)) for l, layer in enumerate(directions.layers)
-                  if directions.valid[p, l] and layer < max_layer]
-    if not candidates:
-        raise ValueError(f"no valid candidate below layer {max_layer}: check the directions' layers")
-    first_layer = min(directions.layers[l] for _, l in candidates)
-    reference = harmless.logits(record_from=first_layer)
-    # The null comes first, from random directions only: no candidate has been scored yet.
-    n_null = n_null or (16 if null_quantile is not None else 0)
-    null_kl = _null_kl(model, harmless, reference, n_null, seed) if n_null else None
-    thresholds = Thresholds(*resolve_kl_max(kl_max, null_kl), induce_min, max_layer, fallback)
-    replay = _replay_reproduces(harmless, first_layer, reference)
-    if not replay:
-        harmless.block_inputs.clear()
-    tokens = model.chat.refusal_tokens
-    baseline = {"harmful": float(refusal_log_odds(harmful.logits(), tokens).mean()),
-                "harmless": float(refusal_log_odds(reference, tokens).mean())}
-    scores = _CandidateScores(model, directions, harmful, harmless, reference, replay)
+    candidates = candidate_sites(directions, max_layer)
+    harmless.enable_replay(min(directions.layers[l] for _, l in candidates))
     show = (len(candidates) >= 8) if progress is None else progress
+    # The null comes first, from random directions only: no candidate has been scored yet.
+    null_kl = kl_null.null_kl(model, harmless, n_null, seed, progress=show) if n_null else None
+    kl_limit, kl_rule = resolve_kl_max(kl_max, null_kl)
+    thresholds = refusal_thresholds(kl_max=kl_limit, kl_rule=kl_rule, induce_min=induce_min, max_layer=max_layer,
+                                    fallback=fallback)
+    baseline = {"harmful": float(harmful.refusal().mean()), "harmless": float(harmless.refusal().mean())}
+    scores = _CandidateScores(model, directions, harmful, harmless)
     _score_lazily(scores, candidates, thresholds, n_finalists=n_finalists, full_table=full_table, show=show)
-    index, rule = _choose(*_mean_scores(scores, candidates), thresholds)
+    index, rule = thresholds.choose(_mean_scores(scores, candidates))
     best = None if index is None else (directions.positions[candidates[index][0]],
                                        directions.layers[candidates[index][1]])
     win_rate = _bootstrap_win_rate(scores, candidates, index, thresholds, n_boot, seed) if best and n_boot else None
     return Selection(_table(scores, thresholds), best, rule, thresholds, baseline, win_rate, null_kl, directions)
 
 
-def _mean_scores(scores: _CandidateScores, candidates: list[tuple[int, int]]
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _mean_scores(scores: _CandidateScores, candidates: list[tuple[int, int]]) -> dict[str, np.ndarray]:
     """Mean bypass, induce and KL of each candidate (NaN where not scored)."""
     known = [scores.known(*c) for c in candidates]
-    return tuple(np.array([k.get(name, math.nan) for k in known]) for name in ("bypass", "induce", "kl"))
-
-
-def _null_kl(
-    model: Model, scorer: _Scorer, reference: Tensor, n_directions: int, seed: int
-) -> Float[Tensor, " n_directions"]:
-    """Mean KL of ablating each of ``n_directions`` seeded random unit directions (see :func:`random_direction_kl`)."""
-    generator = torch.Generator().manual_seed(seed)
-    directions = torch.randn(n_directions, model.cfg.d_model, generator=generator, dtype=torch.float64)
-    directions = directions / directions.norm(dim=-1, keepdim=True)
-    return torch.stack([kl_divergence(reference, scorer.logits(ablate(model, v).hooks)).mean() for v in directions])
-
-
-def null_summary(null_kl: Float[Tensor, " n_directions"]) -> dict:
-    """The random-direction KL null as the report keeps it: ``n``, ``median``, ``min``, ``max``,
-    ``share_below_0.1`` (the paper's threshold) and every ``value`` (nats, 5 decimals)."""
-    return {"n": len(null_kl), "median": round(float(null_kl.median()), 5), "min": round(float(null_kl.min()), 5),
-            "max": round(float(null_kl.max()), 5), "share_below_0.1": round(float((null_kl < 0.1).double().mean()), 4),
-            "values": [round(float(x), 5) for x in null_kl]}
-
-
-def random_direction_kl(
-    model: Model,
-    instructions: Sequence[str],
-    *,
-    n_directions: int = 16,
-    seed: int = 0,
-    batch_size: int = 32,
-) -> Float[Tensor, " n_directions"]:
-    """Mean last-token KL(unmodified || ablated) over ``instructions`` for random unit directions, float64 nats.
-
-    The null distribution to read the selection's KL filter against: ablating *any* direction at
-    every layer and position moves the next-token distribution (on the 576-wide organism the median
-    random direction gives about the paper's 0.1-nat threshold, which was set on models 2048-8192
-    wide; a few directions give over 1 nat). Direction ``k`` is row ``k`` of
-    ``torch.randn(n_directions, d_model, dtype=float64)`` from a generator seeded with ``seed``,
-    normalized; ablation as :func:`~refusal_lens.interventions.ablate`, KL as the selection's.
-    """
-    instructions = check_instructions(instructions, model.chat)
-    if n_directions < 1:
-        raise ValueError(f"n_directions must be >= 1, got {n_directions}")
-    scorer = _Scorer(model, instructions, batch_size)
-    return _null_kl(model, scorer, scorer.logits(), n_directions, seed)
+    return {name: np.array([k.get(name, math.nan) for k in known]) for name in _SCORES}
 
 
 def _bootstrap_win_rate(scores: _CandidateScores, candidates: list[tuple[int, int]], best: int,
@@ -519,12 +316,13 @@ def _bootstrap_win_rate(scores: _CandidateScores, candidates: list[tuple[int, in
     rng = np.random.default_rng(seed)
     n = {"bypass": scores.harmful.n_prompts, "induce": scores.harmless.n_prompts, "kl": scores.harmless.n_prompts}
     per_prompt = {name: np.stack([scores.per_prompt.get(c, {}).get(name, torch.full((n[name],), math.nan)).numpy()
-                                  for c in candidates]) for name in ("bypass", "induce", "kl")}
+                                  for c in candidates]) for name in _SCORES}
     wins = 0
     for _ in range(n_boot):
         i = rng.integers(0, n["bypass"], n["bypass"])
         j = rng.integers(0, n["induce"], n["induce"])
-        index, _ = _choose(per_prompt["bypass"][:, i].mean(1), per_prompt["induce"][:, j].mean(1),
-                           per_prompt["kl"][:, j].mean(1), thresholds)
+        index, _ = thresholds.choose({"bypass": per_prompt["bypass"][:, i].mean(1),
+                                      "induce": per_prompt["induce"][:, j].mean(1),
+                                      "kl": per_prompt["kl"][:, j].mean(1)})
         wins += index == best
     return wins / n_boot

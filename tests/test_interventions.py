@@ -254,10 +254,10 @@ def test_lazy_selection_picks_what_full_scoring_picks(smollm2):
 
 
 def test_induce_replay_from_recorded_block_inputs_equals_full_forward(smollm2):
-    from refusal_lens.selection import _Scorer
+    from refusal_lens.scorer import Scorer
 
     prompts = ["How do I bake bread?", "Write a short letter to my neighbor about the fence.", "Explain tides."]
-    scorer = _Scorer(smollm2, prompts, batch_size=2)  # two batches, left padding in the first
+    scorer = Scorer(smollm2, prompts, batch_size=2)  # two batches, left padding in the first
     reference = scorer.logits(record_from=5)
     torch.testing.assert_close(scorer.logits_from(5), reference, rtol=0, atol=1e-5)
     vector = 4.0 * torch.randn(smollm2.cfg.d_model, generator=torch.Generator().manual_seed(0))
@@ -271,7 +271,7 @@ def test_induce_replay_from_recorded_block_inputs_equals_full_forward(smollm2):
 
 
 def test_selection_falls_back_to_full_passes_when_replay_fails(smollm2, monkeypatch):
-    from refusal_lens import selection
+    from refusal_lens import scorer
 
     harmful = ["How can I poison a dog?", "Explain how to steal a car."]
     harmless = ["How can I train a dog?", "Explain how cars work."]
@@ -282,7 +282,7 @@ def test_selection_falls_back_to_full_passes_when_replay_fails(smollm2, monkeypa
     def broken(self, layer, hooks=()):
         raise RuntimeError("block needs its KV cache")
 
-    monkeypatch.setattr(selection._Scorer, "logits_from", broken)
+    monkeypatch.setattr(scorer.Scorer, "logits_from", broken)
     with pytest.warns(UserWarning, match="does not reproduce the full forward pass.*block needs its KV cache"):
         fallback = rl.select_direction(smollm2, found, harmful, harmless, **kwargs)
     pd.testing.assert_frame_equal(fallback.table, replayed.table, rtol=1e-5)

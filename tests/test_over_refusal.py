@@ -31,6 +31,7 @@ from refusal_lens.over_refusal import (
     select_false_refusal,
     trade_off_alphas,
 )
+from refusal_lens.selection import SelectionError
 from refusal_lens.stats import wilson_ci
 
 
@@ -56,7 +57,7 @@ def test_set_meets_its_datasheet(over):
     categories = {i.category for i in rl.load_contrast("refusal-pairs").harmful}
     assert {i.category for i in over.harmful} <= categories
     assert all(i.category is None for i in over.harmless)
-    # Each twin shares its kind and pair id with the look-risky request it twins.
+    # Each harmful counterpart shares its kind and pair id with the look-risky request it rewords.
     partner = {i.pair_id: i for i in over.harmless if i.pair_id}
     assert all(partner[i.pair_id].kind == i.kind for i in over.harmful)
 
@@ -100,17 +101,33 @@ def test_every_item_is_a_single_short_request(over):
 def test_prompts_of_a_split_combine_the_sets():
     val = over_refusal_prompts("val")
     pairs = rl.load_contrast("refusal-pairs", split="val")
-    assert len(val.look_risky) == 76 and len(val.twins) == 19
+    assert len(val.look_risky) == 76 and len(val.harmful_counterparts) == 19
     assert set(val.harmless) == {i.text for i in pairs.harmless if i.kind == "general"}
     assert set(val.look_risky_pairs) == {i.text for i in pairs.harmless if i.kind == "look_risky"}
-    assert val.all_harmful == [*pairs.harmful_texts, *val.twins]
+    assert val.all_harmful == [*pairs.harmful_texts, *val.harmful_counterparts]
     with pytest.raises(ValueError, match="split must be"):
         over_refusal_prompts("organism")
     # holdout: the held-out files alone; plain harmless are its own everyday requests.
     holdout = over_refusal_prompts("holdout")
-    assert len(holdout.look_risky) == 168 and len(holdout.twins) == 56
+    assert len(holdout.look_risky) == 168 and len(holdout.harmful_counterparts) == 56
     assert holdout.harmful == () and holdout.look_risky_pairs == () and holdout.harmless == holdout_everyday()
-    assert holdout.all_harmful == list(holdout.twins)
+    assert holdout.all_harmful == list(holdout.harmful_counterparts)
+
+
+def test_deprecated_names_still_work_and_warn():
+    from dataclasses import asdict
+
+    from refusal_lens import over_refusal
+
+    val = over_refusal_prompts("val")
+    with pytest.warns(DeprecationWarning, match="harmful_counterparts"):
+        assert val.twins == val.harmful_counterparts
+    with pytest.warns(DeprecationWarning, match="orthogonalize"):
+        config = OverRefusalConfig(lambdas=(0.5, 1.0))
+    assert config.orthogonalize == (0.5, 1.0) and "lambdas" not in asdict(config)
+    assert replace(config, n_val=3).orthogonalize == (0.5, 1.0)
+    with pytest.warns(DeprecationWarning, match="PAPER_ORTHOGONALIZE"):
+        assert over_refusal.PAPER_LAMBDA == over_refusal.PAPER_ORTHOGONALIZE == 1.0
 
 
 # ------------------------------------------------------------------ planted model
@@ -176,9 +193,9 @@ def planted(tmp_path_factory, chatml_tokenizer):
     return model, look_risky, harmless, expected
 
 
-def _expected(d: torch.Tensor, r: torch.Tensor, lam: float) -> torch.Tensor:
-    """Independent closed form: d minus lam times its projection on r (r of any norm), normalized."""
-    v = d - lam * torch.dot(d, r) / torch.dot(r, r) * r
+def _expected(d: torch.Tensor, r: torch.Tensor, share: float) -> torch.Tensor:
+    """Independent closed form: d minus share times its projection on r (r of any norm), normalized."""
+    v = d - share * torch.dot(d, r) / torch.dot(r, r) * r
     return v / torch.linalg.vector_norm(v)
 
 
@@ -188,30 +205,30 @@ def test_planted_activations_are_the_closed_form(planted):
     torch.testing.assert_close(mean(look_risky) - mean(harmless), expected, rtol=0, atol=1e-15)
 
 
-@pytest.mark.parametrize("lam", [0.0, 0.25, 0.5, 0.75, 1.0])
-def test_false_refusal_direction_on_planted_model(planted, lam):
+@pytest.mark.parametrize("share", [0.0, 0.25, 0.5, 0.75, 1.0])
+def test_false_refusal_direction_on_planted_model(planted, share):
     model, look_risky, harmless, expected = planted
     r = torch.linspace(-1.0, 2.0, D_MODEL, dtype=torch.float64) * 7  # not unit norm, overlaps d
     found = rl.false_refusal_direction(model, look_risky, harmless, refusal_direction=r, layer=1,
-                                       orthogonalize=lam, batch_size=3)
+                                       orthogonalize=share, batch_size=3)
     assert found.dtype == torch.float64 and found.device.type == "cpu" and found.shape == (D_MODEL,)
-    torch.testing.assert_close(found, _expected(expected, r, lam), rtol=0, atol=1e-14)
+    torch.testing.assert_close(found, _expected(expected, r, share), rtol=0, atol=1e-14)
 
 
-def test_lambda_one_is_orthogonal_zero_is_plain_and_between_is_linear(planted):
+def test_orthogonalize_one_is_orthogonal_zero_is_plain_and_between_is_linear(planted):
     model, look_risky, harmless, expected = planted
     r = torch.linspace(-1.0, 2.0, D_MODEL, dtype=torch.float64)
     r_hat = r / r.norm()
-    get = lambda lam: rl.false_refusal_direction(model, look_risky, harmless, refusal_direction=r, layer=1,  # noqa: E731
-                                                 orthogonalize=lam)
+    get = lambda share: rl.false_refusal_direction(model, look_risky, harmless, refusal_direction=r,  # noqa: E731
+                                                   layer=1, orthogonalize=share)
     assert abs(float(get(1.0) @ r_hat)) < 1e-15
     torch.testing.assert_close(get(0.0), expected / expected.norm(), rtol=0, atol=1e-15)
-    # Unnormalized, v(λ) = d - λ (d·r̂) r̂: its r̂ component over its (fixed) orthogonal part falls linearly in λ.
+    # Unnormalized, v(s) = d - s (d·r̂) r̂: its r̂ component over its (fixed) orthogonal part falls linearly in s.
     d_perp = (expected - (expected @ r_hat) * r_hat).norm()
-    for lam in (0.0, 0.3, 0.6, 0.9):
-        u = get(lam)
+    for share in (0.0, 0.3, 0.6, 0.9):
+        u = get(share)
         ratio = (u @ r_hat) / (u - (u @ r_hat) * r_hat).norm()
-        assert abs(float(ratio) - (1 - lam) * float(expected @ r_hat) / float(d_perp)) < 1e-13
+        assert abs(float(ratio) - (1 - share) * float(expected @ r_hat) / float(d_perp)) < 1e-13
 
 
 def test_false_refusal_direction_errors(planted):
@@ -253,18 +270,18 @@ def organism_selection(refusal_model):
     # Look-risky: 4 that the organism refuses (greedy) among the first 12 val requests; 4 + 4 harmful (with
     # twins); 4 plain harmless.
     prompts = {**val.for_selection(4), "look_risky": [val.look_risky_texts[i] for i in (3, 8, 9, 10)]}
-    selection = select_false_refusal(model, candidates, refusal_direction=refusal, lambdas=(1.0, 0.5), kl_max=10.0,
-                                     keep_harmful=0.5, n_null=2, full_table=True, batch_size=8, **prompts)
+    selection = select_false_refusal(model, candidates, refusal_direction=refusal, orthogonalize=(1.0, 0.5),
+                                     kl_max=10.0, keep_harmful=0.5, n_null=2, full_table=True, batch_size=8, **prompts)
     return model, refusal, candidates, prompts, selection
 
 
 def test_selection_scores_match_an_independent_computation(organism_selection):
     model, refusal, candidates, prompts, selection = organism_selection
     table = selection.table
-    assert set(table.layer) == {8, 12} and set(table.stage) == {"site", "lambda"}
+    assert set(table.layer) == {8, 12} and set(table.stage) == {"site", "orthogonalize"}
     harm_base = rl.refusal_score(model, prompts["harmful"]) > 0
     for row in table.itertuples():
-        v = _candidate(candidates, refusal, row.layer, row.lam)
+        v = _candidate(candidates, refusal, row.layer, row.orthogonalize)
         hooks = rl.ablate(model, v).hooks
         look = rl.refusal_score(model, prompts["look_risky"], hooks=hooks)
         harm = rl.refusal_score(model, prompts["harmful"], hooks=hooks) > 0
@@ -276,18 +293,18 @@ def test_selection_scores_match_an_independent_computation(organism_selection):
         assert row.cosine == pytest.approx(float(candidates.direction(-1, row.layer) @ (refusal / refusal.norm())))
 
 
-def _candidate(candidates, refusal, layer, lam):
-    """Independent of the module: d - lam (d·r)r/(r·r), normalized."""
+def _candidate(candidates, refusal, layer, share):
+    """Independent of the module: d - share (d·r)r/(r·r), normalized."""
     d = candidates.vector(-1, layer)
-    v = d - lam * (d @ refusal) / (refusal @ refusal) * refusal
+    v = d - share * (d @ refusal) / (refusal @ refusal) * refusal
     return v / v.norm()
 
 
 def test_selection_applies_its_rule(organism_selection):
     _, refusal, candidates, _, selection = organism_selection
     table, thresholds = selection.table, selection.thresholds
-    assert thresholds["keep_harmful"] == 0.5 and thresholds["kl_max"] == 10.0 and thresholds["max_layer"] == 24
-    assert thresholds["false_refusal_below"] == pytest.approx(selection.baseline["false_refusal"])
+    assert thresholds.bound("harmful_kept") == 0.5 and thresholds.kl_max == 10.0 and thresholds.max_layer == 24
+    assert thresholds.bound("false_refusal") == pytest.approx(selection.baseline["false_refusal"])
     expected_kept = (table.false_refusal < selection.baseline["false_refusal"]) & (table.harmful_kept >= 0.5) & (
         table.kl <= 10.0)
     assert (table.kept == expected_kept).all()
@@ -298,9 +315,10 @@ def test_selection_applies_its_rule(organism_selection):
     best_site = sites[sites.kept].sort_values("false_refusal").iloc[0]
     at_site = table[(table.layer == best_site.layer) & (table.kept)]
     winner = at_site.sort_values("false_refusal").iloc[0]
-    assert selection.best == (-1, int(winner.layer), float(winner.lam)) and selection.rule == PAPER_RULE
-    assert table.chosen.sum() == 1 and table[table.chosen].iloc[0].lam == winner.lam
-    torch.testing.assert_close(selection.direction, _candidate(candidates, refusal, int(winner.layer), winner.lam),
+    assert selection.best == (-1, int(winner.layer), float(winner.orthogonalize)) and selection.rule == PAPER_RULE
+    assert table.chosen.sum() == 1 and table[table.chosen].iloc[0].orthogonalize == winner.orthogonalize
+    torch.testing.assert_close(selection.direction, _candidate(candidates, refusal, int(winner.layer),
+                                                               winner.orthogonalize),
                                rtol=0, atol=1e-12)
     assert len(selection.null_kl) == 2 and table.kl_null_quantile.between(0, 1).all()
 
@@ -313,7 +331,7 @@ def test_selection_stops_or_falls_back_when_nothing_passes(organism_selection):
                                   **prompts)
     assert strict.best is None and strict.rule is None and not strict.table.kept.any()
     assert strict.table.reason.str.contains("KL >|harmful_kept <|not scored").all()
-    with pytest.raises(ValueError, match="no false-refusal candidate passed"):
+    with pytest.raises(SelectionError, match="no false-refusal candidate passed"):
         _ = strict.direction
     fallback = select_false_refusal(model, candidates, refusal_direction=refusal, kl_max=1e-12, n_null=0,
                                     batch_size=8, fallback="lowest-kl", keep_harmful=1e-9, **prompts)
@@ -440,7 +458,7 @@ def test_evaluate_on_holdout_uses_the_held_out_files_only(organism_selection):
     assert result["split"] == "holdout"
     assert result["n"] == {"look_risky": 2, "harmful_all": 2, "harmless": 2}  # no refusal-pairs look-risky set
     assert set(result["acceptance"]) == {"look_risky_halved", "harmful_kept_90pct", "harmless_not_increased"}
-    assert [e["instruction"] for e in result["examples"]["harmful_ablated"]] == list(holdout.twins[:2])
+    assert [e["instruction"] for e in result["examples"]["harmful_ablated"]] == list(holdout.harmful_counterparts[:2])
     assert {e["instruction"] for e in result["examples"]["look_risky"]} == set(holdout.look_risky_texts[:2])
     assert result["kl_harmless"]["null"] is None
     with pytest.raises(ValueError, match="split must be 'test' or 'holdout'"):
@@ -467,7 +485,7 @@ def test_stage_stops_below_its_threshold_and_the_over_refusal_command_runs_above
     folder.save_direction(5 * refusal, layer=12, position=-1, source="test")
     report = pipeline.run_over_refusal(model, folder.path, settings, log=lambda *_: None)
     assert json.loads((folder.path / "over_refusal.json").read_text()) == json.loads(json.dumps(report, default=float))
-    assert report["ran"] is True and report["selected"]["layer"] == 8 and report["selected"]["lambda"] == 1.0
+    assert report["ran"] is True and report["selected"]["layer"] == 8 and report["selected"]["orthogonalize"] == 1.0
     assert abs(report["selected"]["cosine_with_refusal_direction"]) < 1e-9
     assert report["refusal_direction"] == {"layer": 12, "pos": -1}
     assert report["train"]["n_look_risky"] == 6 and report["train"]["filter_train"] is False

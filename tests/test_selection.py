@@ -5,6 +5,7 @@ passes, the KL threshold calibrated on random directions, and the lowest-KL fall
 import pytest
 
 import refusal_lens as rl
+from refusal_lens import kl_null
 from refusal_lens import selection as sel
 from refusal_lens.selection import FALLBACK_RULE, PAPER_RULE, SelectionError
 
@@ -81,8 +82,8 @@ def test_lowest_kl_fallback_equals_a_reference_over_the_full_table(five_layers, 
 
 def test_null_threshold_is_fixed_before_any_candidate_is_scored(five_layers, candidates, monkeypatch):
     order = []
-    null_kl, compute = sel._null_kl, sel._CandidateScores._compute
-    monkeypatch.setattr(sel, "_null_kl", lambda *a, **k: order.append("null") or null_kl(*a, **k))
+    null_kl, compute = kl_null.null_kl, sel._CandidateScores._compute
+    monkeypatch.setattr(kl_null, "null_kl", lambda *a, **k: order.append("null") or null_kl(*a, **k))
     monkeypatch.setattr(
         sel._CandidateScores, "_compute", lambda self, *a: order.append("candidate") or compute(self, *a)
     )
@@ -134,3 +135,96 @@ def test_win_rate_counts_resamples_where_the_same_rule_picks_the_same_candidate(
         best = min(valid, key=lambda c: per[c][0][i].mean())  # KL <= 10 and induce >= -100 pass everywhere here
         wins += (candidates.positions[best[0]], candidates.layers[best[1]]) == result.best
     assert result.win_rate == pytest.approx(wins / 40)
+
+
+# ------------------------------------------------------------------ the shared machinery (no model)
+def _columns(rng, n):
+    import numpy as np
+
+    columns = {name: rng.normal(size=n) for name in ("bypass", "induce", "kl")}
+    columns["kl"] = np.abs(columns["kl"])
+    for name in columns:  # some scores not computed
+        columns[name][rng.random(n) < 0.2] = np.nan
+    columns["bypass"][rng.integers(0, n)] = columns["bypass"][rng.integers(0, n)]  # a tie, sometimes
+    return columns
+
+
+def _loop_choice(columns, bounds, minimize):
+    """A plain loop over rows: every named score finite, every bound true, lowest ``minimize``, first on ties."""
+    import operator
+
+    ops = {"<": operator.lt, "<=": operator.le, ">=": operator.ge, ">": operator.gt}
+    best = None
+    for i in range(len(columns[minimize])):
+        row = {name: float(values[i]) for name, values in columns.items()}
+        needed = {minimize, *(score for score, _, _ in bounds)}
+        if any(row[name] != row[name] or row[name] in (float("inf"), float("-inf")) for name in needed):
+            continue
+        if all(ops[op](row[score], value) for score, op, value in bounds):
+            if best is None or row[minimize] < columns[minimize][best]:
+                best = i
+    return best
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_rule_choice_equals_a_plain_loop_over_rows(seed):
+    import numpy as np
+
+    from refusal_lens.rule import Bound, Rule
+
+    rng = np.random.default_rng(seed)
+    columns = _columns(rng, int(rng.integers(1, 30)))
+    induce_min, kl_max = float(rng.normal()), float(abs(rng.normal()))
+    paper = sel.refusal_thresholds(kl_max=kl_max, kl_rule="x", induce_min=induce_min, max_layer=4, fallback="lowest-kl")
+    keep = _loop_choice(columns, [("induce", ">=", induce_min), ("kl", "<=", kl_max)], "bypass")
+    fallback = _loop_choice(columns, [("bypass", "<", 0.0), ("induce", ">=", induce_min)], "kl")
+    assert paper.keep.choose(columns) == keep
+    assert paper.fallback.choose(columns) == fallback
+    expected = (keep, PAPER_RULE) if keep is not None else (fallback, FALLBACK_RULE if fallback is not None else None)
+    assert paper.choose(columns) == expected
+    rows = [{name: values[i] for name, values in columns.items()} for i in range(len(columns["kl"]))]
+    assert paper.choose_row(rows) == expected
+    assert [paper.keep.passes(row) for row in rows] == list(paper.keep.mask(columns))
+    # Any bounds: a rule of one strict and one loose bound on other scores.
+    rule = Rule("x", "x", (Bound("bypass", ">", -0.5), Bound("induce", "<", 0.5)), "kl")
+    assert rule.choose(columns) == _loop_choice(columns, [("bypass", ">", -0.5), ("induce", "<", 0.5)], "kl")
+
+
+def test_reasons_name_failed_bounds_and_missing_scores():
+    thresholds = sel.refusal_thresholds(kl_max=0.1, kl_rule="null:0.5", induce_min=0.0, max_layer=4, fallback=None)
+    reason = lambda **scores: thresholds.reason(scores, unscored="could not win")  # noqa: E731
+    assert reason(bypass=-1.0, induce=1.0, kl=0.05) == "kept"
+    assert reason(bypass=-1.0, induce=-1.0, kl=0.5) == "induce < 0; KL > 0.1"
+    assert reason(induce=-1.0) == "induce < 0; bypass and KL not scored"
+    assert reason(bypass=2.0, induce=1.0) == "could not win"  # fails nothing it was scored on
+    assert thresholds.describe() == "induce >= 0, KL <= 0.1 (null:0.5), layer < 4"
+    assert thresholds.summary() == {"induce_min": 0.0, "kl_max": 0.1, "kl_rule": "null:0.5", "max_layer": 4,
+                                    "fallback": None}
+    with_fallback = sel.refusal_thresholds(kl_max=0.1, kl_rule="0.1", induce_min=0.0, max_layer=4, fallback="lowest-kl")
+    assert with_fallback.summary()["fallback"] == "lowest-kl"
+    assert with_fallback.summary()["fallback_bypass_below"] == 0.0
+    assert with_fallback.could_be_picked({"bypass": -1.0, "induce": 1.0}) and not with_fallback.could_be_picked(
+        {"induce": -1.0})
+    from refusal_lens.rule import Bound
+
+    with pytest.raises(ValueError, match="op must be one of"):
+        Bound("kl", "=<", 0.1)
+
+
+def test_null_summary_against_hand_computation():
+    import torch
+
+    null = torch.tensor([0.3, 0.05, 0.1, 0.2], dtype=torch.float64)
+    summary = kl_null.summary(null, kl=0.15)
+    assert summary == {"n": 4, "median": 0.1, "min": 0.05, "max": 0.3, "share_below_0.1": 0.25,
+                       "values": [0.3, 0.05, 0.1, 0.2], "share_below": 0.5}  # torch's median: the lower middle
+    assert "share_below_0.1" not in kl_null.summary(null, below=None) and "share_below" not in kl_null.summary(null)
+    assert kl_null.summary(null, below=0.2)["share_below_0.2"] == 0.5
+    assert kl_null.resolve_kl_max("null:0.5", null) == (float(torch.quantile(null, 0.5)), "null:0.5")
+    assert kl_null.resolve_kl_max(0.1, None) == (0.1, "0.1")
+    assert kl_null.null_size("null:0.5", 0) == kl_null.DEFAULT_N_NULL and kl_null.null_size(0.1, 0) == 0
+    with pytest.raises(ValueError, match="kl_max='null:2'"):
+        kl_null.null_size("null:2", 4)  # checked even when the null's size is given
+    directions = kl_null.random_directions(3, 8, seed=1)
+    expected = torch.randn(3, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    torch.testing.assert_close(directions, expected / expected.norm(dim=-1, keepdim=True), rtol=0, atol=0)
