@@ -116,9 +116,12 @@ class Statistics:
         return {"cohens_d": self.separability, "layer_cosines_pos-1": self.cosines,
                 "batched_vs_sequential": self.padding, "split_half": self.stability}
 
-    def figures(self) -> dict:
-        return {"cohens_d": plots.cohens_d(self.separability), "layer_cosines": plots.cosine_heatmap(self.cosines),
-                "batched_vs_sequential": plots.batched_vs_sequential(self.padding)}
+    def figures(self, model: str, data: RunData) -> dict:
+        n_test = {"harmful": len(data.harmful_test), "harmless": len(data.harmless_test)}
+        return {"cohens_d": plots.cohens_d(self.separability, model=model, n=n_test),
+                "layer_cosines": plots.cosine_heatmap(self.cosines, model=model),
+                "batched_vs_sequential": plots.batched_vs_sequential(self.padding, model=model,
+                                                                     n={"harmful": len(self.padding)})}
 
 
 @dataclass
@@ -296,9 +299,15 @@ def run(model: Model, out: str | Path, config: RunConfig | None = None, log: Cal
     if choice.selection is not None:
         folder.save_table(choice.selection.table, "selection")
     clock.done("selection")
-    figures = statistics.figures() if statistics is not None else {}
+    spec = model.info.spec
+    figures = statistics.figures(spec, data) if statistics is not None else {}
     if choice.selection is not None:
-        figures["selection"] = plots.selection_scores(choice.selection.table)
+        selection = choice.selection
+        figures["selection"] = plots.selection_scores(
+            selection.table, kl_max=selection.thresholds.kl_max, induce_min=selection.thresholds.bound("induce"),
+            max_layer=selection.thresholds.max_layer, pick=selection.best,
+            rule=selection.rule.split(":")[0] if selection.rule else None, model=spec,
+            n={"harmful": len(data.harmful_val), "harmless": len(data.harmless_val)})
     if choice.vector is None:
         report = build_report(model, config, data, candidates, statistics, choice, None)
         _finish(model, folder, report, figures, clock, config)
@@ -310,8 +319,12 @@ def run(model: Model, out: str | Path, config: RunConfig | None = None, log: Cal
     interventions = measure_interventions(model, choice, data, config, log)
     for name, table in interventions.tables().items():
         folder.save_table(table, name)
-    figures.update(refusal_rates=plots.refusal_rates(interventions.effects.refusal_rate),
-                   alpha_sweep=plots.alpha_sweep(interventions.sweep))
+    where = (choice.position, choice.layer)
+    n_test = {"harmful": len(data.harmful_test), "harmless": len(data.harmless_test)}
+    figures.update(refusal_rates=plots.refusal_rates(interventions.effects.refusal_rate, n_test, model=spec,
+                                                     direction=where),
+                   alpha_sweep=plots.alpha_sweep(interventions.sweep, model=spec, direction=where,
+                                                 n={"harmful": len(data.harmful_test[: config.n_alpha])}))
     clock.done("interventions")
     report = build_report(model, config, data, candidates, statistics, choice, interventions)
     return _finish(model, folder, report, figures, clock, config)
