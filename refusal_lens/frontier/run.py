@@ -241,3 +241,31 @@ def draw(folder: RunFolder, *, static: bool = True) -> list[Path]:
                                                       embed_weight=profile.embed_weight), "frontier_profile",
                                        static=static)
     return written
+
+
+def result_table(run: str | Path) -> pd.DataFrame | None:
+    """The frontier run's points side by side, from ``<run>/frontier/frontier.json`` (and ``heretic.json``):
+    one row per point (the chosen or closest point, then heretic's saved Pareto trials) with its val KL and
+    judged val refusal rate and its test numbers. None when the run has no finished frontier."""
+    out = Path(run) / "frontier"
+    path = out / "frontier.json"
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    rows = []
+    chosen = record.get("chosen")
+    if chosen:
+        label = "frontier: chosen by rule" if chosen["by_rule"] else "frontier: closest (rule not met)"
+        rows.append({"point": label, "trial": chosen["trial"], **chosen["val"], **_test_columns(chosen["test"])})
+    heretic = out / "heretic.json"
+    if heretic.exists():
+        for p in json.loads(heretic.read_text()).get("points", []):
+            rows.append({"point": "heretic Pareto trial", "trial": p["trial"],
+                         **{k: p[k] for k in ("val_refusal_score", "val_kl", "val_refusal_rate")},
+                         **_test_columns(p["test"])})
+    return pd.DataFrame(rows)
+
+
+def _test_columns(test: dict) -> dict:
+    keys = ("harmful_refusal_rate", "harmless_refusal_rate", "harmful_refusal_score", "harmless_kl", "ce_reply_tokens")
+    return {f"test_{k}": test.get(k) for k in keys}
