@@ -14,8 +14,9 @@ heretic runs in its own virtual environment (it pins its own transformers; never
         --heretic-python /work/heretic-venv/bin/python --trials 40 --work /tmp/heretic
 
 Adapting heretic to the project's setting: its chat prompts always carry a system message, the project's
-none, so the exported copy's chat template leaves out an empty system message (the prompts heretic sees are
-token for token the project's); its replies are cut at ``--judge-tokens`` (``max_response_length``), the
+none, so the exported copy's chat template leaves out an empty system message, and its tokenizer adds no second
+``<|im_start|>`` when heretic tokenizes a rendered chat (the prompts heretic sees are token for token the
+project's, checked in ``heretic.json``); its replies are cut at ``--judge-tokens`` (``max_response_length``), the
 length the frontier judges its front at. The driver (``drive``, run with heretic's python; standard library
 and optuna only; adapted from ``shared/peers/run_heretic.py``) answers heretic 1.4.0's numbered menus over a
 pipe, saves the Pareto trials one after another, and reads every trial back from heretic's Optuna journal.
@@ -142,18 +143,20 @@ def _journal(workdir: str) -> list[dict]:
 
 # ------------------------------------------------------------------ orchestration (the project's python)
 def prepare(model, data: dict, work: Path) -> Path:
-    """The exported organism (chat template without an empty system block) and heretic's prompt folders."""
+    """The exported organism and heretic's prompt folders. The export's tokenizer renders no empty system block
+    and adds no BOS of its own (heretic tokenizes rendered chats with special tokens; the template has one)."""
     import refusal_lens as rl
 
     exported = work / "organism"
     if not (exported / "config.json").exists():
         rl.save_hf(model, exported)
         tokenizer = model.tokenizer
-        template, tokenizer.chat_template = tokenizer.chat_template, CHATML_OPTIONAL_SYSTEM
+        kept = tokenizer.chat_template, tokenizer.add_bos_token
+        tokenizer.chat_template, tokenizer.add_bos_token = CHATML_OPTIONAL_SYSTEM, False
         try:
             tokenizer.save_pretrained(exported)
         finally:
-            tokenizer.chat_template = template
+            tokenizer.chat_template, tokenizer.add_bos_token = kept
     for name in ("harmful_train", "harmless_train", "harmful_val", "harmless_val"):
         folder = work / "data" / name
         folder.mkdir(parents=True, exist_ok=True)

@@ -142,7 +142,7 @@ def run_frontier(
     space: SearchSpace = DEFAULT_SPACE,
     n_val: int | None = None,
     n_test: int | None = None,
-    n_mean: int | None = None,
+    n_mean: int | None = 128,
     judge_tokens: int = 24,
     max_new_tokens: int | None = None,
     capability: bool = True,
@@ -151,7 +151,12 @@ def run_frontier(
     batch_size: int = 32,
     log=print,
 ) -> dict:
-    """Search, choose, evaluate on test, save and draw, for a run folder; returns ``frontier.json``'s record."""
+    """Search, choose, evaluate on test, save and draw, for a run folder; returns ``frontier.json``'s record.
+
+    ``n_val`` / ``n_test``: prompts per side (default: the run's); ``n_mean``: harmless train prompts whose mean
+    the direction may be orthogonalized against; ``judge_tokens``: greedy reply length for judging the front on
+    val; ``max_new_tokens``: reply length on test (default: the run's); ``capability``: the ``refusal_lens_mc``
+    check of the chosen point; ``export``: the HF export with its reload check."""
     started = time.perf_counter()
     directions, report, selection = _read_run(folder)
     out = folder.path / "frontier"
