@@ -240,6 +240,9 @@ def test_run_folder_holds_no_harmful_reply_and_exports_the_edit(planted, tmp_pat
     chosen = record["chosen"]
     assert chosen["export"]["exported"] and chosen["export"]["reload_max_logit_diff_vs_hooks"] < 1e-4
     assert rl.frontier.load_profile(out / "chosen.safetensors") == Profile.from_dict(chosen["profile"])
+    table = rl.frontier.result_table(folder.path)
+    assert len(table) == 1 and table.val_kl.iloc[0] == chosen["val"]["val_kl"]
+    assert table.test_harmless_kl.iloc[0] == chosen["test"]["harmless_kl"]
     replies = rl.generate(model, HARMFUL, max_new_tokens=48)
     edited_hooks = profile_hooks(model, resolve(directions, Profile.from_dict(chosen["profile"]), 6))
     replies += rl.generate(model, HARMFUL, max_new_tokens=48, hooks=edited_hooks)
