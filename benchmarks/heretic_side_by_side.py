@@ -152,7 +152,9 @@ def prepare(model, data: dict, work: Path) -> Path:
         rl.save_hf(model, exported)
         tokenizer = model.tokenizer
         kept = tokenizer.chat_template, tokenizer.add_bos_token
-        tokenizer.chat_template, tokenizer.add_bos_token = CHATML_OPTIONAL_SYSTEM, False
+        if model.chat.family == "chatml":  # other families keep their template; check_prompts says if they match
+            tokenizer.chat_template = CHATML_OPTIONAL_SYSTEM
+        tokenizer.add_bos_token = False
         try:
             tokenizer.save_pretrained(exported)
         finally:
@@ -208,7 +210,7 @@ def orchestrate(a) -> None:
 
     folder = RunFolder(Path(a.run), Path(a.run) / "figures")
     report = json.loads((folder.path / "report.json").read_text())
-    model = rl.load_model(a.model, device="cpu")
+    model = rl.load_model(a.model, device="cpu", chat=a.chat)
     data = run_data(model, report, n_val=a.n_val, n_test=a.n_test)
     data["harmful_train"] = _harmful_train(model, report, a.n_train)
     data["harmless_train"] = data["harmless_train"][: a.n_train]
@@ -271,6 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command")
     run = parser
     run.add_argument("--model", default="smollm2-135m-refusal")
+    run.add_argument("--chat", default=None, help="chat-format family when the model's cannot be detected")
     run.add_argument("--run", default="runs/smollm2-135m-refusal", help="the run folder the frontier was written to")
     run.add_argument("--heretic-python", default="/work/heretic-venv/bin/python")
     run.add_argument("--work", default="/tmp/heretic-side-by-side", help="scratch folder (export, heretic's study)")
