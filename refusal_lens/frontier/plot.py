@@ -52,9 +52,9 @@ def frontier_figure(trials: pd.DataFrame, front: pd.DataFrame, *, candidates: pd
     if null_kl:
         low, high, median = float(np.min(null_kl)), float(np.max(null_kl)), float(np.median(null_kl))
         for col in (1, 2):
-            fig.add_vrect(x0=np.log10(max(low, 1e-4)), x1=np.log10(max(high, 1e-4)), fillcolor=COLORS["random"],
+            fig.add_vrect(x0=max(low, 1e-4), x1=max(high, 1e-4), fillcolor=COLORS["random"],
                           opacity=0.12, line_width=0, row=1, col=col)
-            fig.add_vline(x=np.log10(max(median, 1e-4)), line=dict(color=COLORS["random"], dash="dash"), row=1,
+            fig.add_vline(x=max(median, 1e-4), line=dict(color=COLORS["random"], dash="dash"), row=1,
                           col=col)
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name="random directions: min-max, median",
                                  line=dict(color=COLORS["random"], dash="dash")), row=1, col=1)
@@ -75,7 +75,11 @@ def frontier_figure(trials: pd.DataFrame, front: pd.DataFrame, *, candidates: pd
             fig.add_trace(go.Scatter(x=positive([val["val_kl"]]), y=[y], mode="markers", name=name,
                                      showlegend=col == 1, marker=dict(symbol="star", size=16, color="black")),
                           row=1, col=col)
-    fig.update_xaxes(type="log", title_text="harmless KL, val (nats, log)")
+    shown = [*positive(trials.val_kl), *(positive(candidates.kl.dropna()) if candidates is not None else []),
+             *(positive(null_kl) if null_kl else []),
+             *(positive([p["val_kl"] for p in heretic["points"]]) if heretic and heretic.get("points") else [])]
+    low, high = np.log10(min(shown)), np.log10(max(shown))
+    fig.update_xaxes(type="log", title_text="harmless KL, val (nats, log)", range=[low - 0.2, high + 0.2])
     fig.update_yaxes(title_text="refusal score", row=1, col=1)
     fig.update_yaxes(title_text="refused (%)", row=1, col=2)
     fig.update_layout(template=TEMPLATE, font=FONT, title=dict(text=title, x=0.02), height=520, width=1200,
