@@ -5,7 +5,7 @@ by a Single Direction" (NeurIPS 2024). ``import refusal_lens as rl`` gives every
 public function and class below, and the submodules ``rl.stats``, ``rl.plots``,
 ``rl.attribution``, ``rl.subspace``, ``rl.suffix``, ``rl.base_vs_chat``,
 ``rl.metrics``, ``rl.selection``, ``rl.judge``, ``rl.runs``, ``rl.pipeline``, ``rl.organism``, ``rl.over_refusal``,
-``rl.torch_engine`` and ``rl.evals``
+``rl.torch_engine``, ``rl.frontier`` and ``rl.evals``
 (imported on first use). The docs' API reference (``docs/api.md``) documents each name in ``__all__`` from
 its docstring (a test keeps the two in step).
 """
@@ -16,6 +16,7 @@ from importlib.metadata import version as _version
 from . import (
     attribution,
     base_vs_chat,
+    frontier,
     judge,
     metrics,
     organism,
@@ -37,6 +38,7 @@ from .data import ContrastSet, Instruction, load_contrast, load_splits
 from .directions import Directions, InvalidDirectionError, diff_in_means, load_direction, unit_direction
 from .effects import InterventionEffects, alpha_sweep, intervention_effects
 from .export import save_hf
+from .frontier import refusal_frontier
 from .generation import generate
 from .interventions import Intervention, ablate, add
 from .metrics import ce_loss, is_refusal, kl_last_token, refusal_by_length, refusal_score
@@ -85,7 +87,9 @@ __all__ = [
     "head_attribution", "compare_twins",
     # over-refusal
     "false_refusal_direction",
+    # the refusal/KL frontier
+    "refusal_frontier",
     # submodules
-    "attribution", "base_vs_chat", "judge", "metrics", "organism", "over_refusal", "pipeline", "plots", "runs",
-    "selection", "stats", "subspace", "suffix", "torch_engine",
+    "attribution", "base_vs_chat", "frontier", "judge", "metrics", "organism", "over_refusal", "pipeline", "plots",
+    "runs", "selection", "stats", "subspace", "suffix", "torch_engine",
 ]

@@ -7,6 +7,8 @@ Subcommands:
     export        orthogonalize a model against a direction file and save it as a Hugging Face folder
     models   list the models that load offline
     organism train | eval   rebuild the refusal organism's adapter / rerun its behaviour report
+    frontier the refusal/KL frontier of a run (per-layer ablation weights searched with Optuna), writing
+             ``runs/<model>/frontier/``
 """
 
 from __future__ import annotations
@@ -225,6 +227,53 @@ def _add_organism_parser(sub) -> None:
     org.set_defaults(func=_cmd_organism)
 
 
+def _cmd_frontier(args: argparse.Namespace) -> int:
+    from .frontier.run import run_frontier
+    from .frontier.search import ChoiceRule
+    from .models import load_model
+    from .runs import RunFolder, run_slug
+
+    folder = Path(args.run) if args.run else Path("runs") / run_slug(args.model)
+    if not (folder / "directions.safetensors").exists():
+        print(f"{folder} has no directions.safetensors: run `refusal-lens run --model {args.model}` first, or pass "
+              "--run with the run folder")
+        return 2
+    model = load_model(args.model, device=args.device)
+    record = run_frontier(model, RunFolder(folder, folder / "figures"), n_trials=args.trials, seed=args.seed,
+                          rule=ChoiceRule(args.rule_metric, args.max_refusal), n_val=args.n_val, n_test=args.n_test,
+                          judge_tokens=args.judge_tokens, capability=not args.no_capability, export=not args.no_export,
+                          static=not args.html_only)
+    chosen = record.get("chosen")
+    if chosen:
+        test = chosen["test"]
+        print(f"{'chosen' if chosen['by_rule'] else 'closest (rule not met)'}: trial {chosen['trial']}, val KL "
+              f"{chosen['val']['val_kl']:.3f}, val refusal {chosen['val']['val_refusal_rate']:.1%}; test: harmful "
+              f"refusal {test['harmful_refusal_rate']:.1%}, harmless refusal {test['harmless_refusal_rate']:.1%}, "
+              f"KL {test['harmless_kl']:.3f}")
+    return 0
+
+
+def _add_frontier_parser(sub) -> None:
+    front = sub.add_parser("frontier", help="the refusal/KL frontier of a run (runs/<model>/frontier/)")
+    add = front.add_argument
+    add("--model", default=DEFAULT_MODEL, help=f"offline name, hub id or local directory (default {DEFAULT_MODEL})")
+    add("--run", default=None, help="the run folder (default runs/<model>), made by `refusal-lens run`")
+    add("--trials", type=int, default=60, help="trial budget of the search (default 60)")
+    add("--seed", type=int, default=0, help="sampler seed (default 0)")
+    add("--n-val", type=int, default=None, help="val prompts per side (default: the run's)")
+    add("--n-test", type=int, default=None, help="test prompts per side (default: the run's)")
+    add("--judge-tokens", type=int, default=24, help="greedy reply length for judging the front on val (default 24)")
+    add("--rule-metric", choices=["judge", "score"], default="judge",
+        help="the chosen point: lowest val KL on the front whose judged refusal rate (judge) or mean refusal score "
+             "(score) is <= --max-refusal")
+    add("--max-refusal", type=float, default=0.10, help="the rule's threshold (default 0.10)")
+    add("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    add("--no-capability", action="store_true", help="skip the refusal_lens_mc capability check of the chosen point")
+    add("--no-export", action="store_true", help="skip the HF export of the chosen point")
+    add("--html-only", action="store_true", help="write the figure as HTML only (no PNG export)")
+    front.set_defaults(func=_cmd_frontier)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="refusal-lens", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -233,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_parser(sub)
     sub.add_parser("models", help="list the models that load offline").set_defaults(func=_cmd_models)
     _add_organism_parser(sub)
+    _add_frontier_parser(sub)
     return parser
 
 
