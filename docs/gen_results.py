@@ -40,7 +40,7 @@ NOTEBOOKS = [
     ("06_subspace", "One direction or a subspace: how many dimensions does removing refusal take?", None),
     ("07_over_refusal", "Can a false-refusal vector remove over-refusal of harmless requests that look risky, "
                         "and at what cost to true refusal?", "over_refusal"),
-    ("08_frontier", "What stays open: the experiments that would settle what the organism cannot.", None),
+    ("08_frontier", "What is the least it costs to remove refusal, and where in depth must the direction go?", None),
 ]
 
 
