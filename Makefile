@@ -47,7 +47,7 @@ figures: $(STAMP)
 	  --only 04_heads 05_base_vs_chat 06_subspace 07_over_refusal
 
 test: $(STAMP)
-	$(BIN)/ruff check refusal_lens tests benchmarks notebooks/*.py
+	$(BIN)/ruff check refusal_lens tests benchmarks notebooks/*.py docs/*.py
 	$(BIN)/python -m pytest $(ARGS)
 
 lab: $(STAMP)
