@@ -325,7 +325,7 @@ def over_refusal_page(report: dict) -> str:
     """The over-refusal step's outcome: the gate, the pick and the held-out rates with CIs."""
     over = report.get("over_refusal")
     if not over:
-        return "The run did not include the over-refusal step (`--no-over-refusal`)."
+        return "No over-refusal study beside this run yet: `make over-refusal` writes `over_refusal.json`."
     gate = over["look_risky_val_refusal"]
     lines = [f"- Gate: look-risky val refusal {pct(gate['rate'])} ({gate['refused']}/{gate['n']}) against a "
              f"threshold of {pct(over['threshold'])}; the step {'ran' if over['ran'] else 'stopped there'}."]

@@ -1,5 +1,8 @@
 """Judges of completions: refusal, compliance and coherence, beyond substrings.
 
+Long because the three judges (substring, local model, OpenAI-compatible server) share one interface, one prompt
+and one verdict parser, which belong together.
+
 One interface, ``Judge.score(instructions, completions) -> DataFrame`` with one
 row per completion:
 

@@ -1,5 +1,8 @@
 """Plotly figures for a writeup, one function per figure, all in one style.
 
+Long because it holds every figure of the suite: one short function each, sharing one style, is easier to keep
+consistent than a module per figure.
+
 Every function takes the DataFrame (or dict) that the corresponding
 ``refusal_lens`` function returns and gives back a ``plotly.graph_objects.Figure``;
 :func:`save` writes it as ``figures/<name>.html`` plus a static PNG. Static export

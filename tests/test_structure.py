@@ -99,3 +99,15 @@ def test_shape_annotations_are_checked_at_test_time():
         rl.stats.principal_angles(torch.randn(2, 8), torch.randn(3, 9))
     assert rl.stats.principal_angles(torch.eye(2, 8), torch.eye(2, 8)).shape == (2,)
     assert rl.stats.subspace_rank(torch.randn(4, 8), variance=1)["rank_for_variance"] >= 1
+
+
+MAX_MODULE_LINES = 450  # longer modules say why in their docstring ("Long because ...")
+
+
+def test_modules_are_short_or_say_why():
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text()
+        if text.count("\n") > MAX_MODULE_LINES and "Long because" not in (ast.get_docstring(ast.parse(text)) or ""):
+            long.append(f"{path.relative_to(ROOT)} ({text.count(chr(10))} lines)")
+    assert not long, f"modules over {MAX_MODULE_LINES} lines without a reason in their docstring: {long}"
