@@ -502,5 +502,5 @@ def test_stage_stops_below_its_threshold_and_the_over_refusal_command_runs_above
     assert lines[0].startswith("over-refusal (val)") and "false-refusal vector    pos -1, layer 8" in lines[1]
     assert any("look-risky (holdout)" in line for line in lines) and any("(test)" in line for line in lines)
     parse = build_parser().parse_args
-    args = parse(["over-refusal", "--n-val", "4", "--fallback", "none", "--positions", "-1,-2", "--no-holdout"])
+    args = parse(["over-refusal", "--n-val", "4", "--fallback", "none", "--positions=-1,-2", "--no-holdout"])
     assert (args.n_val, args.fallback, args.positions, args.holdout) == (4, None, (-1, -2), False)

@@ -51,7 +51,7 @@ class OverRefusalConfig:
     n_train: int | None = option(None, "train prompts per set (none: the whole split)")
     n_val: int | None = option(None, "val prompts per set (none: the whole split)")
     n_test: int | None = option(None, "test prompts per set (none: the whole split)")
-    positions: tuple[int, ...] | None = option((-1,), "end-of-instruction positions of the candidates",
+    positions: tuple[int, ...] | None = option((-1,), "end-of-instruction positions (--positions=-1,-2)",
                                                parse=comma_separated(int), metavar="P,...")
     layers: tuple[int, ...] | None = option(None, "layers of the candidates (none: all)", parse=comma_separated(int),
                                             metavar="L,...")
