@@ -76,9 +76,8 @@ def refusal_rate(model, instructions):
 def test_organism_refuses_harmful_and_answers_harmless_test_prompts(refusal_model):
     """Behaviour on held-out prompts (greedy, 48 tokens, substring judge).
 
-    Issue 3 asks for <= 5% refusal on harmless prompts; the shipped adapter measures
-    6.2% on the project's harmless test split (behaviour.json) and 5.0% on Alpaca, so
-    this guards the shipped behaviour at 10% until a better adapter lands.
+    The bound on harmless refusal is 10%: the shipped adapter's measured rates are in its behaviour.json, and
+    this guards that behaviour rather than a target it does not reach.
     """
     test = load_contrast("refusal-pairs", split="test")
     harmful = test.harmful_texts[:N_BEHAVIOUR]
