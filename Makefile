@@ -3,6 +3,7 @@
 #   make test   the test suite (what CI runs)
 # And, run on purpose only:
 #   make over-refusal  the over-refusal study against the main job's direction (after make run)
+#   make frontier the refusal/KL frontier of the main job's run, 60 trials, seed 0 (after make run)
 #   make lab      JupyterLab on the notebooks, in the same .venv
 #   make report   execute every notebook at full size on the main job's run into docs/notebooks/NN_*.ipynb
 #                 (static PNG figures; commit them: tests/test_notebooks.py checks they match the notebooks' code)
@@ -14,7 +15,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run over-refusal test lab report figures docs clean-venv
+.PHONY: run over-refusal frontier test lab report figures docs clean-venv
 
 $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,9 +41,17 @@ over-refusal: $(STAMP)
 	test -f $(RUN_DIR)/direction.safetensors || { echo "run 'make run' first: the study reads $(RUN_DIR)/direction.safetensors"; exit 1; }
 	HF_HUB_OFFLINE=1 $(BIN)/refusal-lens over-refusal $(ARGS)
 
+frontier: $(STAMP)
+	test -f $(RUN_DIR)/report.json || { echo "run 'make run' first: the frontier reads $(RUN_DIR)"; exit 1; }
+	HF_HUB_OFFLINE=1 $(BIN)/refusal-lens frontier --model smollm2-135m-refusal --trials 60 --seed 0 $(ARGS)
+
+# The main job's figures, and the frontier's where `make frontier` has run.
+COPY_FIGURES = cp $(RUN_DIR)/figures/*.html $(RUN_DIR)/figures/*.png $(RUN_DIR)/figures/plotly.min.js figures/ && \
+  { test ! -d $(RUN_DIR)/frontier/figures || cp $(RUN_DIR)/frontier/figures/*.html $(RUN_DIR)/frontier/figures/*.png figures/; }
+
 figures: $(STAMP)
 	test -f $(RUN_DIR)/report.json || { echo "run 'make run' first: figures come from $(RUN_DIR)"; exit 1; }
-	cp $(RUN_DIR)/figures/*.html $(RUN_DIR)/figures/*.png $(RUN_DIR)/figures/plotly.min.js figures/
+	$(COPY_FIGURES)
 	HF_HUB_OFFLINE=1 $(BIN)/python notebooks/execute.py --runs runs --figures figures --out runs/report/figures \
 	  --only 04_heads 05_base_vs_chat 06_subspace 07_over_refusal
 
@@ -55,7 +64,7 @@ lab: $(STAMP)
 
 report: $(STAMP)
 	test -f $(RUN_DIR)/report.json || { echo "run 'make run' first: the pages read $(RUN_DIR)"; exit 1; }
-	cp $(RUN_DIR)/figures/*.html $(RUN_DIR)/figures/*.png $(RUN_DIR)/figures/plotly.min.js figures/
+	$(COPY_FIGURES)
 	HF_HUB_OFFLINE=1 $(BIN)/python notebooks/execute.py --runs runs --out docs/notebooks --figures figures
 
 # README.md's and the docs pages' result blocks must equal the main job's report.json where a run exists

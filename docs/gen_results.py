@@ -17,6 +17,7 @@ Wilson 95% intervals (``rl.stats.wilson_ci``).
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import re
 import sys
@@ -40,7 +41,8 @@ NOTEBOOKS = [
     ("06_subspace", "One direction or a subspace: how many dimensions does removing refusal take?", None),
     ("07_over_refusal", "Can a false-refusal vector remove over-refusal of harmless requests that look risky, "
                         "and at what cost to true refusal?", "over_refusal"),
-    ("08_frontier", "What is the least it costs to remove refusal, and where in depth must the direction go?", None),
+    ("08_frontier", "What is the least it costs to remove refusal, and where in depth must the direction go?",
+     "frontier"),
 ]
 
 
@@ -88,6 +90,11 @@ def rate_entry(entry: dict) -> str:
 def sign(x: int | None) -> str:
     """A position index with a real minus sign."""
     return "—" if x is None else (f"−{-x}" if x < 0 else str(x))
+
+
+def signed(x: float, digits: int = 2) -> str:
+    """A number with a real minus sign."""
+    return f"{x:.{digits}f}".replace("-", "−")
 
 
 def need(report: dict, *keys: str):
@@ -168,12 +175,66 @@ def verdict(report: dict) -> str:
 
 def results_box(report: dict) -> str:
     """The README's and the front page's results box."""
-    return "\n".join([
-        f"On the organism: {_setting(report)}.", "",
-        _rates_table(report), "",
-        "![Refusal with and without the direction](figures/refusal_rates.png)", "",
-        verdict(report),
-    ])
+    lines = [f"On the organism: {_setting(report)}.", "",
+             _rates_table(report), "",
+             "![Refusal with and without the direction](figures/refusal_rates.png)", "",
+             verdict(report)]
+    beyond = " ".join(s for s in (strongest_candidate(report), frontier_sentence(report)) if s)
+    return "\n".join(lines + (["", beyond] if beyond else []))
+
+
+def _strongest(report: dict) -> dict | None:
+    """The selection-table row (bypass and KL scored) whose ablation lowers the harmful refusal score most."""
+    rows = [r for r in report.get("selection_table", []) if r.get("bypass") is not None and r.get("kl") is not None]
+    return min(rows, key=lambda r: r["bypass"]) if rows else None
+
+
+def strongest_candidate(report: dict) -> str | None:
+    """One sentence: the scored candidate whose ablation lowers refusal most, and its KL against random ones."""
+    row, null = _strongest(report), (report.get("kl_random_directions") or {}).get("median")
+    if row is None or not null:
+        return None
+    base = (report.get("selected") or {}).get("baseline_scores", {}).get("harmful")
+    scores = f"{signed(base)} → {signed(row['bypass'])}" if base is not None else f"to {signed(row['bypass'])}"
+    return (f"**Removing more of it costs more:** of the candidates the selection scored, the one whose ablation "
+            f"lowers the harmful prompts' refusal score most (position {sign(int(row['pos']))}, layer "
+            f"{int(row['layer'])}: {scores} on `val`) costs {row['kl']:.2f} nats of KL, {row['kl'] / null:.1f}× "
+            f"the random directions' median.")
+
+
+def _by_rule(points: list[dict], max_refusal: float) -> tuple[dict | None, bool]:
+    """The frontier's rule on measured points: the lowest val KL among those with judged val refusal at most
+    ``max_refusal`` (True), else the lowest judged val refusal (False); (None, False) without points."""
+    met = [p for p in points if p["val_refusal_rate"] <= max_refusal]
+    if met:
+        return min(met, key=lambda p: p["val_kl"]), True
+    return (min(points, key=lambda p: (p["val_refusal_rate"], p["val_kl"])), False) if points else (None, False)
+
+
+def _test_point(test: dict, null: float) -> str:
+    return (f"harmful refusal on test {rate_ci(test['harmful_refusal_rate'], test['n_harmful'])} at a harmless "
+            f"KL of {test['harmless_kl']:.2f} nats ({test['harmless_kl'] / null:.1f}× random directions' median)")
+
+
+def frontier_sentence(report: dict) -> str | None:
+    """The frontier's chosen point on test, and heretic's point under the same rule, or None without a run."""
+    front = report.get("frontier") or {}
+    if front.get("status") != "done" or not front.get("chosen"):
+        return None
+    chosen, rule = front["chosen"], front["rule_params"]
+    null = front["random_direction_kl"]["median"]
+    how = ("the point its rule picks, fixed before the search (lowest val KL among front points whose judged val "
+           f"refusal is at most {pct(rule['max_refusal'])}), gives" if chosen["by_rule"] else
+           f"no front point reaches judged val refusal ≤ {pct(rule['max_refusal'])}; the closest gives")
+    text = (f"**The cost of removing it:** over {front['n_trials']} per-layer ablation profiles searched on `val` "
+            f"(`make frontier`), {how} {_test_point(chosen['test'], null)}.")
+    heretic = report.get("heretic") or {}
+    point, met = _by_rule(heretic.get("points", []), rule["max_refusal"])
+    if point is not None:
+        text += (f" heretic ({heretic['n_trials']} trials, same prompts, measured the same way): its saved Pareto "
+                 f"point {'the same rule picks' if met else 'with the lowest judged val refusal (none meets the rule)'}"
+                 f" gives {_test_point(point['test'], null)}.")
+    return text
 
 
 def run_time(report: dict) -> str:
@@ -229,9 +290,19 @@ def _harmful_key(rates: dict) -> str:
     return keys[0]
 
 
+def _frontier(report: dict) -> str | None:
+    front = report.get("frontier") or {}
+    if front.get("status") != "done" or not front.get("chosen"):
+        return None
+    test, null = front["chosen"]["test"], front["random_direction_kl"]["median"]
+    return (f"{'rule met' if front['chosen']['by_rule'] else 'rule not met; closest point'}: harmful refusal "
+            f"{pct(test['harmful_refusal_rate'])} on test at KL {test['harmless_kl']:.2f} "
+            f"({test['harmless_kl'] / null:.1f}× random) after {front['n_trials']} trials")
+
+
 ANSWERS: dict[str, Callable[[dict], str | None]] = {
     "separability": _separability, "selection": _selection, "interventions": _interventions,
-    "over_refusal": _over_refusal}
+    "over_refusal": _over_refusal, "frontier": _frontier}
 
 
 def notebook_map(report: dict, *, prefix: str) -> str:
@@ -357,6 +428,69 @@ def over_refusal_page(report: dict) -> str:
     return "\n".join(lines)
 
 
+# The frontier's goal for its chosen point on test: at most this refusal rate of harmful prompts at at most this
+# harmless KL (half the KL, 0.85 nats on val, of the organism's candidate whose full ablation removes most refusal).
+FRONTIER_GOAL = (0.10, 0.43)
+
+
+def _kernel(kernel: dict) -> str:
+    return (f"peak {kernel['peak_weight']:.2f} at layer {kernel['peak_position']:.1f}, falling to "
+            f"{kernel['floor_weight']:.2f} within {kernel['width']:.1f} layers")
+
+
+def _point_row(label: str, val: dict, test: dict, null: float) -> str:
+    ce = (f"{test['ce_reply_tokens_unmodified']:.2f} → {test['ce_reply_tokens']:.2f}"
+          if "ce_reply_tokens" in test else "—")
+    return (f"| {label} | {val['val_kl']:.3f} | {pct(val['val_refusal_rate'])} | "
+            f"{rate_ci(test['harmful_refusal_rate'], test['n_harmful'])} | "
+            f"{rate_ci(test['harmless_refusal_rate'], test['n_harmless'])} | {test['harmless_kl']:.3f} "
+            f"({test['harmless_kl'] / null:.1f}×) | {ce} |")
+
+
+def frontier_page(report: dict) -> str:
+    """docs/frontier.md's results: the search, the chosen point on test beside heretic's, and its weight profile."""
+    front = report.get("frontier") or {}
+    if front.get("status") != "done" or not front.get("chosen"):
+        return "No finished frontier beside this run yet: `make frontier` writes `runs/<model>/frontier/`."
+    chosen, null, data = front["chosen"], front["random_direction_kl"]["median"], front["data"]
+    profile, test = chosen["profile"], chosen["test"]
+    lines = [f"`{front['model']}`: {front['n_trials']} trials, seed {front['seed']}, on {data['harmful_val']['n']} "
+             f"harmful and {data['harmless_val']['n']} harmless val prompts; {front['n_front']} trials on the front; "
+             f"the command took {front['seconds'] / 60:.0f} min ({front['seconds_search'] / 60:.0f} min of search), "
+             "as `frontier.json` records.", "",
+             f"Rule, written before the search: {front['rule']}. "
+             + ("It was met." if chosen["by_rule"] else "No front point met it; the row below is the front point "
+                                                        "with the lowest judged val refusal."), "",
+             "| point | val KL | val refusal (judged) | test harmful refused (95% CI) | test harmless refused | "
+             "test KL (× random median) | CE of harmless replies, unmodified → edited |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+             _point_row(f"frontier, trial {chosen['trial']}", chosen["val"], test, null)]
+    heretic = report.get("heretic") or {}
+    for point in heretic.get("points", []):
+        lines.append(_point_row(f"heretic, trial {point['trial']}", point, point["test"], null))
+    goal_rate, goal_kl = FRONTIER_GOAL
+    met = test["harmful_refusal_rate"] <= goal_rate and test["harmless_kl"] <= goal_kl
+    lines += ["", f"Goal for the chosen point on test, harmful refusal ≤ {pct(goal_rate)} at harmless KL ≤ {goal_kl}: "
+              + ("met." if met else "not met; the front above is the result."),
+              "", f"The chosen point's edit: `{profile['edit']}`, direction index {profile['direction_index']:.2f} at "
+              f"position {sign(profile['position'])}"
+              f"{', orthogonalized against the harmless mean' if profile['orthogonalize'] else ''}; attention writers "
+              f"{_kernel(profile['attn'])}; MLP writers {_kernel(profile['mlp'])}; embedding weight "
+              f"{profile['embed_weight']:.2f}."]
+    for name in ("unmodified", "edited"):
+        if f"capability_{name}" in test:
+            scores = ", ".join(f"`{task}` {acc:.3f}" for task, acc in test[f"capability_{name}"].items())
+            lines.append(f"Capability, {name}: {scores}.")
+    if heretic:
+        lines += ["", f"heretic {heretic['heretic'].split()[0]}: {heretic['n_trials']} trials "
+                      f"({heretic['n_startup_trials']} random start-up), seed {heretic['seed']}, "
+                      f"{heretic['wall_s'] / 60:.0f} min; prompts token-identical to the project's: "
+                      f"{heretic['prompts_token_identical']}."]
+    lines += ["", "![The refusal/KL frontier](figures/frontier.png)", "",
+              "![Where the chosen point's weight sits over depth](figures/frontier_profile.png)"]
+    return "\n".join(lines)
+
+
 def organism_table(behaviour: dict) -> str:
     """The organism's behaviour report (``refusal-lens organism eval``) as a table with Wilson CIs."""
     labels = {"project_test_harmful": "project test split, harmful", "advbench": "AdvBench, harmful",
@@ -386,6 +520,7 @@ def blocks(report: dict, behaviour: dict) -> dict[str, dict[str, str]]:
         "docs/results.md": {"selection": selection_page(report), "interventions": interventions_page(report),
                             "over-refusal": over_refusal_page(report)},
         "docs/models.md": {"organism": organism_table(behaviour)},
+        "docs/frontier.md": {"frontier": frontier_page(report)},
     }
 
 
@@ -427,7 +562,25 @@ def load_report(path: Path) -> dict:
     study = path.parent / "over_refusal.json"
     if study.is_file():
         report["over_refusal"] = json.loads(study.read_text())
+    selection = path.parent / "selection.csv"
+    if selection.is_file():
+        with selection.open() as handle:
+            report["selection_table"] = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+    for name in ("frontier", "heretic"):
+        written = path.parent / "frontier" / f"{name}.json"
+        if written.is_file():
+            report[name] = json.loads(written.read_text())
     return report
+
+
+def _number(text: str):
+    """A CSV cell as a float where it is one, None where empty, else the text."""
+    if text == "":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def main(argv: list[str] | None = None) -> int:

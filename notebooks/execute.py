@@ -51,6 +51,9 @@ FULL_SIZE: dict[str, dict] = {
     "06_subspace": {"K_MAX": 8, "N_TEST": 32, "MAX_NEW_TOKENS": 32},
     "07_over_refusal": {"N_VAL": None, "N_TEST": None, "PICK": None, "N_NULL": 16, "MAX_NEW_TOKENS": 48,
                         "ALPHA_GRID": [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0], "FALSE_REFUSAL_ALPHAS": [0.5]},
+    # A small search to show the machinery; the notebook ends with the full run's front (`make frontier`).
+    "08_frontier": {"N_TRIALS": 12, "N_VAL": 12, "N_TEST": 24, "N_MEAN": 64, "JUDGE_TOKENS": 16,
+                    "MAX_NEW_TOKENS": 32, "N_NULL": 8},
 }
 
 

@@ -305,3 +305,72 @@ def test_load_report_adds_the_over_refusal_study_written_beside_it(tmp_path):
     assert "over_refusal" not in gen.load_report(tmp_path / "report.json")
     (tmp_path / "over_refusal.json").write_text(json.dumps({"ran": False}))
     assert gen.load_report(tmp_path / "report.json") == {"seconds": {"selection": 1.0}, "over_refusal": {"ran": False}}
+
+
+def _frontier_record(*, harmful: int, kl: float, by_rule: bool = True) -> dict:
+    """A finished frontier.json (the keys `refusal-lens frontier` writes) whose chosen point refuses ``harmful`` of
+    75 harmful test prompts at harmless test KL ``kl``."""
+    kernel = {"peak_weight": 1.0, "peak_position": 15.5, "floor_weight": 0.25, "width": 4.0}
+    return {"model": "organism-x", "seed": 0, "n_trials": 60, "n_front": 7, "status": "done",
+            "rule": "lowest val KL among ...", "rule_params": {"metric": "judge", "max_refusal": 0.1},
+            "data": {"harmful_val": {"n": 24}, "harmless_val": {"n": 24}}, "seconds": 1500.0, "seconds_search": 1200.0,
+            "random_direction_kl": {"median": 0.12},
+            "chosen": {"trial": 41, "by_rule": by_rule,
+                       "profile": {"position": -1, "direction_index": 16.25, "embed_weight": 0.5,
+                                   "edit": "norm-preserving", "orthogonalize": True, "attn": kernel, "mlp": kernel},
+                       "val": {"val_kl": 0.2, "val_refusal_rate": 0.0833},
+                       "test": {"harmful_refusal_rate": round(harmful / 75, 4), "n_harmful": 75,
+                                "harmless_refusal_rate": round(3 / 96, 4), "n_harmless": 96, "harmless_kl": kl,
+                                "ce_reply_tokens_unmodified": 0.5, "ce_reply_tokens": 0.75}}}
+
+
+def test_the_frontier_and_the_strongest_candidate_reach_the_box_the_page_and_the_map(tree):
+    report = synthetic_report()
+    assert gen.frontier_sentence(report) is None and gen.strongest_candidate(report) is None
+    report["selection_table"] = [{"pos": -1.0, "layer": 16.0, "bypass": -5.25, "kl": 0.9},
+                                 {"pos": -1.0, "layer": 21.0, "bypass": -1.5, "kl": 0.3},
+                                 {"pos": -2.0, "layer": 3.0, "bypass": None, "kl": None}]
+    report["selected"]["baseline_scores"] = {"harmful": 5.25}
+    assert "(position −1, layer 16: 5.25 → −5.25 on `val`) costs 0.90 nats of KL, 7.5× the random" in \
+        gen.strongest_candidate(report)
+    report["frontier"] = _frontier_record(harmful=3, kl=0.24)
+    low, high = _wilson(3, 75)
+    sentence = gen.frontier_sentence(report)
+    assert "over 60 per-layer ablation profiles" in sentence and "the point its rule picks" in sentence
+    assert f"4.0% [{100 * low:.1f}, {100 * high:.1f}] (3/75) at a harmless KL of 0.24 nats (2.0×" in sentence
+    page = gen.frontier_page(report)
+    assert "| frontier, trial 41 | 0.200 | 8.3% | 4.0% " in page and "0.50 → 0.75 |" in page
+    assert "harmful refusal ≤ 10.0% at harmless KL ≤ 0.43: met." in page
+    assert "peak 1.00 at layer 15.5, falling to 0.25 within 4.0 layers" in page
+    # heretic's points: the same rule picks among them; none meeting it is said
+    report["heretic"] = {"heretic": "1.4.0 2.13.0", "n_trials": 40, "n_startup_trials": 12, "seed": 0,
+                         "wall_s": 600.0, "prompts_token_identical": True, "points": [
+                             {"trial": 7, "val_kl": 0.5, "val_refusal_rate": 0.25, "test": report["frontier"][
+                                 "chosen"]["test"] | {"harmful_refusal_rate": round(30 / 75, 4), "harmless_kl": 0.6}},
+                             {"trial": 9, "val_kl": 0.1, "val_refusal_rate": 0.5, "test": report["frontier"][
+                                 "chosen"]["test"]}]}
+    assert "heretic (40 trials" in gen.frontier_sentence(report)
+    assert "lowest judged val refusal (none meets the rule) gives harmful refusal on test 40.0%" in \
+        gen.frontier_sentence(report)
+    assert "| heretic, trial 7 | 0.500 | 25.0% | 40.0% " in gen.frontier_page(report)
+    # a chosen point that misses the goal, and a rule that was not met, are said so
+    report["frontier"] = _frontier_record(harmful=30, kl=0.6, by_rule=False)
+    assert "not met; the front above is the result." in gen.frontier_page(report)
+    assert "no front point reaches judged val refusal ≤ 10.0%" in gen.frontier_sentence(report)
+    assert "rule not met; closest point: harmful refusal 40.0% on test at KL 0.60 (5.0× random) after 60 trials" in \
+        gen.notebook_map(report, prefix="")
+    for path, text in gen.render(report, json.loads(gen.BEHAVIOUR.read_text()), tree).items():
+        path.write_text(text)
+    assert "over 60 per-layer ablation profiles" in (tree / "README.md").read_text()
+    assert "| frontier, trial 41 |" in (tree / "docs" / "frontier.md").read_text()
+
+
+def test_load_report_adds_the_selection_table_and_the_frontier_written_beside_it(tmp_path):
+    (tmp_path / "report.json").write_text(json.dumps({"seconds": {}}))
+    (tmp_path / "selection.csv").write_text("pos,layer,bypass,kl,reason\n-1,16,-5.5,0.85,KL > 0.1\n-2,3,,,zero\n")
+    (tmp_path / "frontier").mkdir()
+    (tmp_path / "frontier" / "frontier.json").write_text(json.dumps({"status": "searching"}))
+    report = gen.load_report(tmp_path / "report.json")
+    assert report["selection_table"] == [{"pos": -1.0, "layer": 16.0, "bypass": -5.5, "kl": 0.85, "reason": "KL > 0.1"},
+                                         {"pos": -2.0, "layer": 3.0, "bypass": None, "kl": None, "reason": "zero"}]
+    assert report["frontier"] == {"status": "searching"} and "heretic" not in report

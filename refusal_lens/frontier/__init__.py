@@ -26,7 +26,16 @@ from .profile import (
     resolve,
     weight_edit_exact,
 )
-from .run import draw, export_profile, load_profile, result_table, run_data, run_frontier, save_profile
+from .run import (
+    draw,
+    export_profile,
+    load_profile,
+    result_figure,
+    result_table,
+    run_data,
+    run_frontier,
+    save_profile,
+)
 from .search import (
     ChoiceRule,
     Frontier,
@@ -46,6 +55,7 @@ __all__ = [
     "evaluate_profile", "profile_table", "candidate_profiles", "ablation_equivalence",
     "Kernel", "Profile", "ProfileError", "Resolved", "EDITS", "resolve", "profile_direction", "profile_hooks",
     "apply_profile", "norm_preserving_map", "weight_edit_exact",
-    "run_frontier", "run_data", "result_table", "save_profile", "load_profile", "export_profile", "draw",
+    "run_frontier", "run_data", "result_table", "result_figure", "save_profile", "load_profile", "export_profile",
+    "draw",
     "frontier_figure", "profile_figure",
 ]

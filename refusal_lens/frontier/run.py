@@ -223,21 +223,32 @@ def _evaluate_point(model: Model, directions: Directions, frontier: Frontier, po
             "test": test, "export": exported}
 
 
+def result_figure(run: str | Path):
+    """The frontier figure of a run folder (``<run>/frontier/``: every trial, the front, the paper candidates the
+    run's selection scored, the random-direction null band, the chosen point and heretic's points where
+    ``heretic.json`` exists); None when the run has no frontier yet."""
+    run = Path(run)
+    out = run / "frontier"
+    if not (out / "trials.csv").exists():
+        return None
+    report = json.loads((run / "report.json").read_text())
+    record = json.loads((out / "frontier.json").read_text())
+    selection = run / "selection.csv"
+    heretic = out / "heretic.json"
+    return frontier_figure(pd.read_csv(out / "trials.csv"), pd.read_csv(out / "front.csv"),
+                           candidates=pd.read_csv(selection) if selection.exists() else None,
+                           null_kl=report.get("kl_random_directions", {}).get("values"),
+                           chosen=record.get("chosen"), max_refusal=record["rule_params"]["max_refusal"],
+                           heretic=json.loads(heretic.read_text()) if heretic.exists() else None)
+
+
 def draw(folder: RunFolder, *, static: bool = True) -> list[Path]:
     """(Re)draw ``figures/frontier`` (and ``figures/frontier_profile``, the chosen point's weights) from the
     files in ``frontier/`` (and ``heretic.json`` when present)."""
     out = folder.path / "frontier"
-    report = json.loads((folder.path / "report.json").read_text())
     record = json.loads((out / "frontier.json").read_text())
-    selection = folder.path / "selection.csv"
-    heretic = out / "heretic.json"
-    fig = frontier_figure(pd.read_csv(out / "trials.csv"), pd.read_csv(out / "front.csv"),
-                          candidates=pd.read_csv(selection) if selection.exists() else None,
-                          null_kl=report.get("kl_random_directions", {}).get("values"),
-                          chosen=record.get("chosen"), max_refusal=record["rule_params"]["max_refusal"],
-                          heretic=json.loads(heretic.read_text()) if heretic.exists() else None)
     figures = RunFolder(out, out / "figures")
-    written = figures.save_figure(fig, "frontier", static=static)
+    written = figures.save_figure(result_figure(folder.path), "frontier", static=static)
     chosen = record.get("chosen")
     if chosen:
         profile = Profile.from_dict(chosen["profile"])
