@@ -3,7 +3,7 @@
 #   make test   the test suite (what CI runs)
 # And, run on purpose only:
 #   make over-refusal  the over-refusal study against the main job's direction (after make run)
-#   make frontier the refusal/KL frontier of the main job's run, 60 trials, seed 0 (after make run)
+#   make frontier the refusal/KL frontier of the main job's run, 200 trials, seed 0 (after make run)
 #   make lab      JupyterLab on the notebooks, in the same .venv
 #   make report   execute every notebook at full size on the main job's run into docs/notebooks/NN_*.ipynb
 #                 (static PNG figures; commit them: tests/test_notebooks.py checks they match the notebooks' code)
@@ -43,7 +43,7 @@ over-refusal: $(STAMP)
 
 frontier: $(STAMP)
 	test -f $(RUN_DIR)/report.json || { echo "run 'make run' first: the frontier reads $(RUN_DIR)"; exit 1; }
-	HF_HUB_OFFLINE=1 $(BIN)/refusal-lens frontier --model smollm2-135m-refusal --trials 60 --seed 0 $(ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/refusal-lens frontier --model smollm2-135m-refusal --trials 200 --seed 0 $(ARGS)
 
 # The main job's figures, and the frontier's where `make frontier` has run.
 COPY_FIGURES = cp $(RUN_DIR)/figures/*.html $(RUN_DIR)/figures/*.png $(RUN_DIR)/figures/plotly.min.js figures/ && \

@@ -45,7 +45,7 @@ def frontier_figure(trials: pd.DataFrame, front: pd.DataFrame, *, candidates: pd
     if candidates is not None and len(candidates):
         scored = candidates.dropna(subset=["bypass", "kl"])
         fig.add_trace(go.Scatter(x=positive(scored.kl), y=scored.bypass, mode="markers",
-                                 name="paper candidates (full ablation)",
+                                 name="paper candidates the selection scored (full ablation)",
                                  marker=dict(symbol="diamond", color=COLORS["harmful"], size=7, opacity=0.7),
                                  hovertext=[f"pos {p} layer {l}" for p, l in zip(scored.pos, scored.layer)]),
                       row=1, col=1)
@@ -79,9 +79,10 @@ def frontier_figure(trials: pd.DataFrame, front: pd.DataFrame, *, candidates: pd
              *(positive(null_kl) if null_kl else []),
              *(positive([p["val_kl"] for p in heretic["points"]]) if heretic and heretic.get("points") else [])]
     low, high = np.log10(min(shown)), np.log10(max(shown))
-    fig.update_xaxes(type="log", title_text="harmless KL, val (nats, log)", range=[low - 0.2, high + 0.2])
+    fig.update_xaxes(type="log", title_text="harmless KL, val (nats, log)", range=[low - 0.2, high + 0.2], dtick=1,
+                     exponentformat="power")
     fig.update_yaxes(title_text="refusal score", row=1, col=1)
-    fig.update_yaxes(title_text="refused (%)", row=1, col=2)
+    fig.update_yaxes(title_text="refused (%)", range=[-3, 103], row=1, col=2)
     fig.update_layout(template=TEMPLATE, font=FONT, title=dict(text=title, x=0.02), height=520, width=1200,
                       legend=dict(orientation="h", yanchor="top", y=-0.18, xanchor="center", x=0.5),
                       margin=dict(l=70, r=30, t=90, b=130))

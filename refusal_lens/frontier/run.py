@@ -235,11 +235,14 @@ def result_figure(run: str | Path):
     record = json.loads((out / "frontier.json").read_text())
     selection = run / "selection.csv"
     heretic = out / "heretic.json"
+    val = record["data"]["harmful_val"]["n"], record["data"]["harmless_val"]["n"]
+    title = (f"{record['model']}: what removing refusal costs, {record['n_trials']} trials "
+             f"(seed {record['seed']}) on {val[0]} harmful + {val[1]} harmless val prompts")
     return frontier_figure(pd.read_csv(out / "trials.csv"), pd.read_csv(out / "front.csv"),
                            candidates=pd.read_csv(selection) if selection.exists() else None,
                            null_kl=report.get("kl_random_directions", {}).get("values"),
                            chosen=record.get("chosen"), max_refusal=record["rule_params"]["max_refusal"],
-                           heretic=json.loads(heretic.read_text()) if heretic.exists() else None)
+                           heretic=json.loads(heretic.read_text()) if heretic.exists() else None, title=title)
 
 
 def draw(folder: RunFolder, *, static: bool = True) -> list[Path]:
@@ -253,9 +256,12 @@ def draw(folder: RunFolder, *, static: bool = True) -> list[Path]:
     if chosen:
         profile = Profile.from_dict(chosen["profile"])
         n_layers = len(pd.read_csv(out / "chosen_profile.csv"))
+        title = (f"{record['model']}: where the {'chosen' if chosen['by_rule'] else 'closest'} point (trial "
+                 f"{chosen['trial']}, {profile.edit}, direction index {profile.direction_index:.1f} at position "
+                 f"{profile.position}) removes")
         written += figures.save_figure(profile_figure(profile_table(profile, n_layers),
-                                                      embed_weight=profile.embed_weight), "frontier_profile",
-                                       static=static)
+                                                      embed_weight=profile.embed_weight, title=title),
+                                       "frontier_profile", static=static)
     return written
 
 
