@@ -228,6 +228,10 @@ def frontier_sentence(report: dict) -> str | None:
            f"no front point reaches judged val refusal ≤ {pct(rule['max_refusal'])}; the closest gives")
     text = (f"**The cost of removing it:** over {front['n_trials']} per-layer ablation profiles searched on `val` "
             f"(`make frontier`), {how} {_test_point(chosen['test'], null)}.")
+    reference = front.get("reference")
+    if reference:
+        text += (f" The strongest single candidate (position {sign(reference['position'])}, layer "
+                 f"{reference['layer']}) ablated at every layer gives {_test_point(reference['test'], null)}.")
     heretic = report.get("heretic") or {}
     point, met = _by_rule(heretic.get("points", []), rule["max_refusal"])
     if point is not None:
@@ -465,30 +469,80 @@ def frontier_page(report: dict) -> str:
              "test KL (× random median) | CE of harmless replies, unmodified → edited |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
              _point_row(f"frontier, trial {chosen['trial']}", chosen["val"], test, null)]
+    reference = front.get("reference")
+    if reference:
+        lines.append(_point_row(f"paper candidate (position {sign(reference['position'])}, layer "
+                                f"{reference['layer']}), full ablation", reference["val"], reference["test"], null))
     heretic = report.get("heretic") or {}
     for point in heretic.get("points", []):
         lines.append(_point_row(f"heretic, trial {point['trial']}", point, point["test"], null))
     goal_rate, goal_kl = FRONTIER_GOAL
     met = test["harmful_refusal_rate"] <= goal_rate and test["harmless_kl"] <= goal_kl
     lines += ["", f"Goal for the chosen point on test, harmful refusal ≤ {pct(goal_rate)} at harmless KL ≤ {goal_kl}: "
-              + ("met." if met else "not met; the front above is the result."),
+              + ("met." if met else "not met; the front (the figure below) is the result."),
               "", f"The chosen point's edit: `{profile['edit']}`, direction index {profile['direction_index']:.2f} at "
               f"position {sign(profile['position'])}"
               f"{', orthogonalized against the harmless mean' if profile['orthogonalize'] else ''}; attention writers "
               f"{_kernel(profile['attn'])}; MLP writers {_kernel(profile['mlp'])}; embedding weight "
               f"{profile['embed_weight']:.2f}."]
-    for name in ("unmodified", "edited"):
-        if f"capability_{name}" in test:
-            scores = ", ".join(f"`{task}` {acc:.3f}" for task, acc in test[f"capability_{name}"].items())
-            lines.append(f"Capability, {name}: {scores}.")
+    capability = [("unmodified", test.get("capability_unmodified")),
+                  ("the chosen point", test.get("capability_edited"))]
+    if reference:
+        capability.append(("the candidate ablated everywhere", reference["test"].get("capability_edited")))
+    shown = [f"{name} " + ", ".join(f"`{task}` {acc:.3f}" for task, acc in scores.items())
+             for name, scores in capability if scores]
+    if shown:
+        lines += ["", "Capability (accuracy on the offline multiple-choice check): " + "; ".join(shown) + "."]
     if heretic:
         lines += ["", f"heretic {heretic['heretic'].split()[0]}: {heretic['n_trials']} trials "
                       f"({heretic['n_startup_trials']} random start-up), seed {heretic['seed']}, "
                       f"{heretic['wall_s'] / 60:.0f} min; prompts token-identical to the project's: "
                       f"{heretic['prompts_token_identical']}."]
+    lines += frontier_mechanism(front)
     lines += ["", "![The refusal/KL frontier](figures/frontier.png)", "",
               "![Where the chosen point's weight sits over depth](figures/frontier_profile.png)"]
     return "\n".join(lines)
+
+
+def _span(values: list[float], digits: int = 1) -> str:
+    low, high = min(values), max(values)
+    return f"{low:.{digits}f}" if round(low, digits) == round(high, digits) else f"{low:.{digits}f}–{high:.{digits}f}"
+
+
+def frontier_mechanism(front: dict) -> list[str]:
+    """What the front says about where removal happens: the front points that meet the rule (their direction and
+    where their weight sits), each edit's reach, and how much the val KL the search selected on understates test's."""
+    rows, trials = front.get("front_table"), front.get("trials_table")
+    if not rows or not trials:
+        return []
+    limit = front["rule_params"]["max_refusal"]
+    lines = ["", "**What the front says.**", ""]
+    met = [r for r in rows if r["val_refusal_rate"] <= limit]
+    if met:
+        attn = [(r["attn.peak_position"] - r["attn.width"], r["attn.peak_position"] + r["attn.width"]) for r in met]
+        positions = ", ".join(sign(int(p)) for p in sorted({r["position"] for r in met}))
+        lines.append(
+            f"- Where: the {len(met)} front points at judged val refusal ≤ {pct(limit)} all use the "
+            f"`{'`, `'.join(sorted({r['edit'] for r in met}))}` edit, position {positions}, direction index "
+            f"{_span([r['direction_index'] for r in met])}; their attention writers carry weight "
+            f"{_span([r['attn.peak_weight'] for r in met], 2)} peaking at layers "
+            f"{_span([r['attn.peak_position'] for r in met])} (kernels spanning layers "
+            f"{max(0, min(a for a, _ in attn)):.0f}–{max(b for _, b in attn):.0f}), their MLP writers "
+            f"{_span([r['mlp.peak_weight'] for r in met], 2)}, the "
+            f"embedding {_span([r['embed_weight'] for r in met], 2)}.")
+    else:
+        lines.append(f"- No front point reaches judged val refusal ≤ {pct(limit)}.")
+    for edit in sorted({r["edit"] for r in trials}):
+        tried = sum(r["edit"] == edit for r in trials)
+        reached = [r["val_refusal_rate"] for r in rows if r["edit"] == edit]
+        lines.append(f"- `{edit}`: {tried} of {len(trials)} trials; " + (
+            f"its lowest judged val refusal on the front is {pct(min(reached))}." if reached
+            else "no point on the front."))
+    chosen = front["chosen"]
+    ratio = chosen["test"]["harmless_kl"] / chosen["val"]["val_kl"] if chosen["val"]["val_kl"] else float("nan")
+    lines.append(f"- Tuned on val: the point's harmless KL is {chosen['val']['val_kl']:.3f} on `val`, where it was "
+                 f"chosen, and {chosen['test']['harmless_kl']:.3f} on `test` ({ratio:.1f}×).")
+    return lines
 
 
 def organism_table(behaviour: dict) -> str:
@@ -570,6 +624,12 @@ def load_report(path: Path) -> dict:
         written = path.parent / "frontier" / f"{name}.json"
         if written.is_file():
             report[name] = json.loads(written.read_text())
+    for name in ("front", "trials"):
+        written = path.parent / "frontier" / f"{name}.csv"
+        if written.is_file() and "frontier" in report:
+            with written.open() as handle:
+                report["frontier"][f"{name}_table"] = [{k: _number(v) for k, v in row.items()}
+                                                       for row in csv.DictReader(handle)]
     return report
 
 

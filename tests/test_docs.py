@@ -338,8 +338,16 @@ def test_the_frontier_and_the_strongest_candidate_reach_the_box_the_page_and_the
     sentence = gen.frontier_sentence(report)
     assert "over 60 per-layer ablation profiles" in sentence and "the point its rule picks" in sentence
     assert f"4.0% [{100 * low:.1f}, {100 * high:.1f}] (3/75) at a harmless KL of 0.24 nats (2.0×" in sentence
+    report["frontier"]["reference"] = {
+        "position": -1, "layer": 16, "val": {"val_kl": 0.85, "val_refusal_rate": 0.0},
+        "test": report["frontier"]["chosen"]["test"] | {"harmful_refusal_rate": 0.0, "harmless_kl": 0.96,
+                                                       "capability_edited": {"mc": 0.5}}}
+    assert "The strongest single candidate (position −1, layer 16) ablated at every layer gives harmful refusal " \
+           "on test 0.0% [0.0, " in gen.frontier_sentence(report)
     page = gen.frontier_page(report)
     assert "| frontier, trial 41 | 0.200 | 8.3% | 4.0% " in page and "0.50 → 0.75 |" in page
+    assert "| paper candidate (position −1, layer 16), full ablation | 0.850 | 0.0% | 0.0% " in page
+    assert "the candidate ablated everywhere `mc` 0.500" in page
     assert "harmful refusal ≤ 10.0% at harmless KL ≤ 0.43: met." in page
     assert "peak 1.00 at layer 15.5, falling to 0.25 within 4.0 layers" in page
     # heretic's points: the same rule picks among them; none meeting it is said
@@ -355,7 +363,7 @@ def test_the_frontier_and_the_strongest_candidate_reach_the_box_the_page_and_the
     assert "| heretic, trial 7 | 0.500 | 25.0% | 40.0% " in gen.frontier_page(report)
     # a chosen point that misses the goal, and a rule that was not met, are said so
     report["frontier"] = _frontier_record(harmful=30, kl=0.6, by_rule=False)
-    assert "not met; the front above is the result." in gen.frontier_page(report)
+    assert "not met; the front (the figure below) is the result." in gen.frontier_page(report)
     assert "no front point reaches judged val refusal ≤ 10.0%" in gen.frontier_sentence(report)
     assert "rule not met; closest point: harmful refusal 40.0% on test at KL 0.60 (5.0× random) after 60 trials" in \
         gen.notebook_map(report, prefix="")

@@ -28,6 +28,7 @@ from .profile import (
 )
 from .run import (
     draw,
+    evaluate_reference,
     export_profile,
     load_profile,
     result_figure,
@@ -35,6 +36,7 @@ from .run import (
     run_data,
     run_frontier,
     save_profile,
+    strongest_candidate,
 )
 from .search import (
     ChoiceRule,
@@ -56,6 +58,7 @@ __all__ = [
     "Kernel", "Profile", "ProfileError", "Resolved", "EDITS", "resolve", "profile_direction", "profile_hooks",
     "apply_profile", "norm_preserving_map", "weight_edit_exact",
     "run_frontier", "run_data", "result_table", "result_figure", "save_profile", "load_profile", "export_profile",
+    "strongest_candidate", "evaluate_reference",
     "draw",
     "frontier_figure", "profile_figure",
 ]

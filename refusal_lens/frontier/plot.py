@@ -20,10 +20,11 @@ EDIT_COLORS = {"project": PALETTE[0], "norm-preserving": PALETTE[2]}
 
 def frontier_figure(trials: pd.DataFrame, front: pd.DataFrame, *, candidates: pd.DataFrame | None = None,
                     null_kl=None, chosen: dict | None = None, max_refusal: float = 0.1,
-                    heretic: dict | None = None, title: str = "What removing refusal costs: the refusal/KL frontier"
-                    ) -> go.Figure:
+                    heretic: dict | None = None, reference: dict | None = None,
+                    title: str = "What removing refusal costs: the refusal/KL frontier") -> go.Figure:
     """The figure described in the module docstring, from ``trials.csv`` / ``front.csv`` tables, the run's
-    selection table, the null's KL values, ``frontier.json``'s ``chosen`` entry and ``heretic.json``."""
+    selection table, the null's KL values, ``frontier.json``'s ``chosen`` and ``reference`` entries (the strongest
+    paper candidate, whose judged val rate joins the right panel) and ``heretic.json``."""
     fig = make_subplots(rows=1, cols=2, shared_xaxes=False, horizontal_spacing=0.1,
                         subplot_titles=("mean refusal score, harmful val (log-odds)",
                                         "refusal rate, harmful val (substring judge)"))
@@ -68,6 +69,12 @@ def frontier_figure(trials: pd.DataFrame, front: pd.DataFrame, *, candidates: pd
         fig.add_trace(go.Scatter(x=positive(points.val_kl), y=100 * points.val_refusal_rate, mode="markers",
                                  hovertext=hover, showlegend=False,
                                  marker=dict(symbol="x", size=11, color=PALETTE[3])), row=1, col=2)
+    if reference:
+        val = reference["val"]
+        fig.add_trace(go.Scatter(x=positive([val["val_kl"]]), y=[100 * val["val_refusal_rate"]], mode="markers",
+                                 name=f"paper candidate ({reference['position']}, {reference['layer']}), judged",
+                                 marker=dict(symbol="diamond", size=11, color=COLORS["harmful"],
+                                             line=dict(color="black", width=1))), row=1, col=2)
     if chosen:
         val = chosen["val"]
         name = "chosen (rule)" if chosen.get("by_rule") else "closest (rule not met)"

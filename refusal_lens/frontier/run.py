@@ -25,7 +25,9 @@ from safetensors.torch import save_file
 
 from ..data import load_splits
 from ..directions import Directions
+from ..generation import generate
 from ..manifest import text_hash, write_manifest
+from ..metrics import refusal_rate
 from ..models import Model
 from ..runs import RunFolder
 from ..streaming import mean_activations
@@ -194,11 +196,56 @@ def run_frontier(
     record["seconds"] = round(time.perf_counter() - started, 1)
     record["status"] = "done"
     (out / "frontier.json").write_text(json.dumps(record, indent=2, default=float) + "\n")
-    draw(folder, static=static)
+    record = evaluate_reference(model, folder, capability=capability, batch_size=batch_size, static=static, log=log)
     write_manifest(out, model=asdict(model.info), seed=seed, n_trials=n_trials, rule=rule.describe(),
                    data=record["data"], run_data=report.get("data"), positions=directions.positions,
                    outputs=sorted(p.name for p in out.iterdir()))
     log(f"frontier: wrote {out}/ in {record['seconds']:.0f} s")
+    return record
+
+
+def strongest_candidate(selection: pd.DataFrame | None) -> tuple[int, int] | None:
+    """``(position, layer)`` of the paper candidate whose full ablation lowers the harmful val refusal score most,
+    among those the run's selection scored (``selection.csv`` rows with bypass and KL); None without any."""
+    scored = selection.dropna(subset=["bypass", "kl"]) if selection is not None else None
+    if scored is None or not len(scored):
+        return None
+    row = scored.loc[scored.bypass.idxmin()]
+    return int(row.pos), int(row.layer)
+
+
+def evaluate_reference(model: Model, folder: RunFolder, *, capability: bool = True, batch_size: int = 32,
+                       static: bool = True, log=print) -> dict:
+    """One direction removed everywhere, beside the searched profile: the :func:`strongest_candidate` ablated at
+    full weight in every layer (``Profile.full``), judged on the frontier's val prompts and evaluated on its test
+    prompts exactly as the chosen point; added to ``frontier.json`` as ``reference`` (the figure is redrawn).
+    Returns the updated record; it is unchanged when the run's selection scored no candidate."""
+    out = folder.path / "frontier"
+    directions, report, selection = _read_run(folder)
+    record = json.loads((out / "frontier.json").read_text())
+    candidate = strongest_candidate(selection)
+    if candidate is None:
+        return record
+    sizes = {name: record["data"][name]["n"] for name in ("harmful_val", "harmful_test")}
+    data = run_data(model, report, n_val=sizes["harmful_val"], n_test=sizes["harmful_test"], n_mean=0)
+    if text_hash(data["harmful_test"]) != record["data"]["harmful_test"]["sha256"]:
+        raise ValueError(f"the test prompts rebuilt for {out / 'frontier.json'} differ from the frontier's: rerun "
+                         "`refusal-lens frontier`")
+    profile = Profile.full(*candidate, model.cfg.n_layers)
+    log(f"frontier: the strongest paper candidate (position {candidate[0]}, layer {candidate[1]}) ablated "
+        "everywhere, on val and test")
+    row = selection[(selection.pos == candidate[0]) & (selection.layer == candidate[1])].iloc[0]
+    hooks = profile_hooks(model, resolve(directions, profile, model.cfg.n_layers))
+    judged = refusal_rate(generate(model, data["harmful_val"], hooks=hooks, max_new_tokens=record["judge_tokens"],
+                                   batch_size=batch_size, progress=False))  # as the front is judged
+    test = evaluate_profile(model, directions, profile, data["harmful_test"], data["harmless_test"],
+                            max_new_tokens=record["test_max_new_tokens"], batch_size=batch_size, capability=capability)
+    record["reference"] = {"position": candidate[0], "layer": candidate[1], "profile": profile.to_dict(),
+                           "val": {"val_refusal_score": float(row.bypass), "val_kl": float(row.kl),
+                                   "val_refusal_rate": judged},
+                           "test": test}
+    (out / "frontier.json").write_text(json.dumps(record, indent=2, default=float) + "\n")
+    draw(folder, static=static)
     return record
 
 
@@ -242,7 +289,8 @@ def result_figure(run: str | Path):
                            candidates=pd.read_csv(selection) if selection.exists() else None,
                            null_kl=report.get("kl_random_directions", {}).get("values"),
                            chosen=record.get("chosen"), max_refusal=record["rule_params"]["max_refusal"],
-                           heretic=json.loads(heretic.read_text()) if heretic.exists() else None, title=title)
+                           heretic=json.loads(heretic.read_text()) if heretic.exists() else None,
+                           reference=record.get("reference"), title=title)
 
 
 def draw(folder: RunFolder, *, static: bool = True) -> list[Path]:
@@ -267,7 +315,8 @@ def draw(folder: RunFolder, *, static: bool = True) -> list[Path]:
 
 def result_table(run: str | Path) -> pd.DataFrame | None:
     """The frontier run's points side by side, from ``<run>/frontier/frontier.json`` (and ``heretic.json``):
-    one row per point (the chosen or closest point, then heretic's saved Pareto trials) with its val KL and
+    one row per point (the chosen or closest point, the strongest paper candidate ablated everywhere, then
+    heretic's saved Pareto trials) with its val KL and
     judged val refusal rate and its test numbers. None when the run has no finished frontier."""
     out = Path(run) / "frontier"
     path = out / "frontier.json"
@@ -279,6 +328,10 @@ def result_table(run: str | Path) -> pd.DataFrame | None:
     if chosen:
         label = "frontier: chosen by rule" if chosen["by_rule"] else "frontier: closest (rule not met)"
         rows.append({"point": label, "trial": chosen["trial"], **chosen["val"], **_test_columns(chosen["test"])})
+    reference = record.get("reference")
+    if reference:
+        rows.append({"point": f"paper candidate ({reference['position']}, {reference['layer']}), full ablation",
+                     "trial": None, **reference["val"], **_test_columns(reference["test"])})
     heretic = out / "heretic.json"
     if heretic.exists():
         for p in json.loads(heretic.read_text()).get("points", []):
