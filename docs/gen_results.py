@@ -498,7 +498,7 @@ def frontier_page(report: dict) -> str:
                       f"({heretic['n_startup_trials']} random start-up), seed {heretic['seed']}, "
                       f"{heretic['wall_s'] / 60:.0f} min; prompts token-identical to the project's: "
                       f"{heretic['prompts_token_identical']}."]
-    lines += frontier_mechanism(front)
+    lines += frontier_mechanism(front) + heretic_mechanism(front, heretic)
     lines += ["", "![The refusal/KL frontier](figures/frontier.png)", "",
               "![Where the chosen point's weight sits over depth](figures/frontier_profile.png)"]
     return "\n".join(lines)
@@ -542,6 +542,40 @@ def frontier_mechanism(front: dict) -> list[str]:
     ratio = chosen["test"]["harmless_kl"] / chosen["val"]["val_kl"] if chosen["val"]["val_kl"] else float("nan")
     lines.append(f"- Tuned on val: the point's harmless KL is {chosen['val']['val_kl']:.3f} on `val`, where it was "
                  f"chosen, and {chosen['test']['harmless_kl']:.3f} on `test` ({ratio:.1f}×).")
+    return lines
+
+
+def heretic_mechanism(front: dict, heretic: dict) -> list[str]:
+    """heretic beside the frontier: its point under the frontier's rule against the chosen point on test, and, from
+    its own trials (its judge and KL on val), the fewest refusals with one direction for all layers (``global``)
+    against each layer's own direction (``per layer``)."""
+    if not heretic or not heretic.get("points"):
+        return []
+    point, met = _by_rule(heretic["points"], front["rule_params"]["max_refusal"])
+    ours, theirs = front["chosen"]["test"], point["test"]
+    how = "the rule's point" if met else "closest to the rule"
+    lines = [f"- Side by side on test: heretic's trial {point['trial']} ({how}) "
+             f"refuses {pct(theirs['harmful_refusal_rate'])} of harmful prompts at harmless KL "
+             f"{theirs['harmless_kl']:.3f}; the frontier's point refuses {pct(ours['harmful_refusal_rate'])} at "
+             f"{ours['harmless_kl']:.3f}."]
+    goal_rate, goal_kl = FRONTIER_GOAL
+    meeting = [str(p["trial"]) for p in heretic["points"]
+               if p["test"]["harmful_refusal_rate"] <= goal_rate and p["test"]["harmless_kl"] <= goal_kl]
+    lines.append(f"- The goal on test (≤ {pct(goal_rate)} at KL ≤ {goal_kl}) is met by " + (
+        f"heretic's saved trial{'s' if len(meeting) > 1 else ''} {', '.join(meeting)}"
+        + (", which the val rule did not pick: found by reading test, so optimistic." if point["trial"] not in
+           {int(m) for m in meeting} else ".") if meeting else "none of heretic's saved points."))
+    by_scope: dict[str, list[tuple[int, float]]] = {}
+    for trial in heretic.get("trials", []):
+        scope = (trial.get("params") or {}).get("direction_scope")
+        if scope and trial.get("refusals") is not None:
+            by_scope.setdefault(scope, []).append((trial["refusals"], trial["kl_divergence"]))
+    n_val = heretic.get("data", {}).get("harmful_val", {}).get("n")
+    if by_scope and n_val:
+        best = [f"`{scope}` ({len(runs)} trials): {min(runs)[0]}/{n_val} refusals at its KL {min(runs)[1]:.3f}"
+                for scope, runs in sorted(by_scope.items())]
+        lines.append("- heretic's own trials (its judge and KL on val), fewest refusals by direction scope: "
+                     + "; ".join(best) + ".")
     return lines
 
 

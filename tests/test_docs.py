@@ -361,6 +361,13 @@ def test_the_frontier_and_the_strongest_candidate_reach_the_box_the_page_and_the
     assert "lowest judged val refusal (none meets the rule) gives harmful refusal on test 40.0%" in \
         gen.frontier_sentence(report)
     assert "| heretic, trial 7 | 0.500 | 25.0% | 40.0% " in gen.frontier_page(report)
+    assert "is met by heretic's saved trial 9, which the val rule did not pick" in gen.frontier_page(report)
+    report["heretic"]["data"] = {"harmful_val": {"n": 24}}
+    report["heretic"]["trials"] = [{"refusals": r, "kl_divergence": kl, "params": {"direction_scope": scope}}
+                                   for r, kl, scope in ((3, 0.2, "global"), (1, 0.5, "global"), (1, 0.25, "global"),
+                                                        (0, 0.05, "per layer"), (None, None, "per layer"))]
+    assert "`global` (3 trials): 1/24 refusals at its KL 0.250; `per layer` (1 trials): 0/24 refusals at its KL " \
+           "0.050." in gen.frontier_page(report)
     # a chosen point that misses the goal, and a rule that was not met, are said so
     report["frontier"] = _frontier_record(harmful=30, kl=0.6, by_rule=False)
     assert "not met; the front (the figure below) is the result." in gen.frontier_page(report)

@@ -256,6 +256,7 @@ def test_run_folder_holds_no_harmful_reply_and_exports_the_edit(planted, tmp_pat
     judged = refusal_rate(rl.generate(model, HARMFUL, max_new_tokens=48, hooks=full))
     assert reference["val"]["val_refusal_rate"] == pytest.approx(judged)
     assert reference["test"]["n_harmful"] == len(HARMFUL) and table.point.iloc[1].startswith("paper candidate")
+    assert reference["test"]["n_harmless"] == chosen["test"]["n_harmless"] == len(HARMLESS)
     replies = rl.generate(model, HARMFUL, max_new_tokens=48)
     edited_hooks = profile_hooks(model, resolve(directions, Profile.from_dict(chosen["profile"]), 6))
     replies += rl.generate(model, HARMFUL, max_new_tokens=48, hooks=edited_hooks)

@@ -226,10 +226,11 @@ def evaluate_reference(model: Model, folder: RunFolder, *, capability: bool = Tr
     candidate = strongest_candidate(selection)
     if candidate is None:
         return record
-    sizes = {name: record["data"][name]["n"] for name in ("harmful_val", "harmful_test")}
-    data = run_data(model, report, n_val=sizes["harmful_val"], n_test=sizes["harmful_test"], n_mean=0)
-    if text_hash(data["harmful_test"]) != record["data"]["harmful_test"]["sha256"]:
-        raise ValueError(f"the test prompts rebuilt for {out / 'frontier.json'} differ from the frontier's: rerun "
+    names = ("harmful_val", "harmful_test", "harmless_test")
+    data = run_data(model, report, n_val=None, n_test=None, n_mean=0)
+    data = {name: data[name][: record["data"][name]["n"]] for name in names}  # the frontier's prompts, per side
+    if any(text_hash(data[name]) != record["data"][name]["sha256"] for name in names):
+        raise ValueError(f"the prompts rebuilt for {out / 'frontier.json'} differ from the frontier's: rerun "
                          "`refusal-lens frontier`")
     profile = Profile.full(*candidate, model.cfg.n_layers)
     log(f"frontier: the strongest paper candidate (position {candidate[0]}, layer {candidate[1]}) ablated "
