@@ -650,6 +650,10 @@ def load_report(path: Path) -> dict:
     study = path.parent / "over_refusal.json"
     if study.is_file():
         report["over_refusal"] = json.loads(study.read_text())
+        against, selected = report["over_refusal"].get("refusal_direction"), report.get("selected") or {}
+        if against and (against.get("layer"), against.get("pos")) != (selected.get("layer"), selected.get("pos")):
+            raise ReportError(f"{study} was made against the direction at layer {against.get('layer')}, position "
+                              f"{against.get('pos')}, not the run's: rerun `make over-refusal`")
     selection = path.parent / "selection.csv"
     if selection.is_file():
         with selection.open() as handle:

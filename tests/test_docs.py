@@ -305,6 +305,11 @@ def test_load_report_adds_the_over_refusal_study_written_beside_it(tmp_path):
     assert "over_refusal" not in gen.load_report(tmp_path / "report.json")
     (tmp_path / "over_refusal.json").write_text(json.dumps({"ran": False}))
     assert gen.load_report(tmp_path / "report.json") == {"seconds": {"selection": 1.0}, "over_refusal": {"ran": False}}
+    # a study made against another direction than the run's is refused, not mixed into the run's pages
+    (tmp_path / "report.json").write_text(json.dumps({"selected": {"layer": 21, "pos": -1}}))
+    (tmp_path / "over_refusal.json").write_text(json.dumps({"refusal_direction": {"layer": 16, "pos": -1}}))
+    with pytest.raises(gen.ReportError, match="layer 16, position -1, not the run's: rerun `make over-refusal`"):
+        gen.load_report(tmp_path / "report.json")
 
 
 def _frontier_record(*, harmful: int, kl: float, by_rule: bool = True) -> dict:
