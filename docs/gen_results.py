@@ -304,6 +304,49 @@ def _frontier(report: dict) -> str | None:
             f"({test['harmless_kl'] / null:.1f}× random) after {front['n_trials']} trials")
 
 
+# Notebooks whose answer is printed by the executed copy (docs/notebooks/, `make report`) rather than held in the
+# report: stem -> (patterns over its printed output, each with named groups, and the answer they fill in).
+PRINTED_ANSWERS: dict[str, tuple[tuple[str, ...], str]] = {
+    "00_quickstart": ((r"harmful refusal:\s+(?P<h0>\d+)% -> (?P<h1>\d+)% with the direction ablated",
+                       r"harmless refusal:\s+(?P<b0>\d+)% -> (?P<b1>\d+)% with the direction added",
+                       r"layer (?P<layer>\d+): Cohen's d = (?P<d>[\d.]+)"),
+                      "its own direction (layer {layer}, the best Cohen's d, {d}): harmful refusal {h0}% → {h1}% "
+                      "ablated, harmless {b0}% → {b1}% added"),
+    "04_heads": ((r"attention heads\s+(?P<heads>[\d.-]+)", r"MLPs\s+(?P<mlps>[\d.-]+)",
+                  r"sum\s+(?P<total>[\d.-]+)",
+                  r"top-8 heads lower the projection more than every random set: (?P<beats>True|False)",
+                  r"GCG: refusal log-odds (?P<g0>[\d.-]+) -> (?P<g1>[\d.-]+)"),
+                 "of the residual's projection on the direction ({total}), attention heads write {heads} and MLPs "
+                 "{mlps}; the top 8 heads beat every random set of 8: {beats}; a GCG suffix takes the refusal "
+                 "log-odds {g0} → {g1}"),
+    "05_base_vs_chat": ((r"cosine (?P<cos>[\d.]+); Cohen's d on the chat direction: chat model (?P<chat>[\d.]+), "
+                         r"base model (?P<base>[\d.]+)",),
+                        "cosine {cos} between the chat and base directions; Cohen's d {chat} in the chat model, "
+                        "{base} in the base model"),
+    "06_subspace": ((r"effective rank (?P<rank>[\d.]+); (?P<k>\d+) dimensions hold 90%",),
+                    "the layers' directions have effective rank {rank}; {k} dimensions hold 90% of their norm"),
+}
+
+
+def printed_answer(stem: str, copies: Path) -> str | None:
+    """The answer the executed copy ``copies/<stem>.ipynb`` prints (:data:`PRINTED_ANSWERS`); None without a copy.
+    Raises when the copy no longer prints what a pattern reads (the notebook changed: update the pattern)."""
+    path = copies / f"{stem}.ipynb"
+    if stem not in PRINTED_ANSWERS or not path.is_file():
+        return None
+    notebook = json.loads(path.read_text())
+    printed = "".join("".join(o["text"]) for c in notebook["cells"] for o in c.get("outputs", [])
+                      if o.get("output_type") == "stream" and o.get("name") == "stdout")
+    patterns, answer = PRINTED_ANSWERS[stem]
+    found = {}
+    for pattern in patterns:
+        match = re.search(pattern, printed)
+        if match is None:
+            raise ReportError(f"{path} does not print what /{pattern}/ reads: update PRINTED_ANSWERS")
+        found.update(match.groupdict())
+    return answer.format(**{k: v.replace("-", "−") for k, v in found.items()})
+
+
 ANSWERS: dict[str, Callable[[dict], str | None]] = {
     "separability": _separability, "selection": _selection, "interventions": _interventions,
     "over_refusal": _over_refusal, "frontier": _frontier}
@@ -317,7 +360,7 @@ def notebook_map(report: dict, *, prefix: str) -> str:
     lines = ["| notebook | question | answer |", "| --- | --- | --- |"]
     for stem, question, key in NOTEBOOKS:
         link = f"{prefix}{stem}.ipynb"
-        answer = ANSWERS[key](report) if key else None
+        answer = ANSWERS[key](report) if key else printed_answer(stem, ROOT / "docs" / "notebooks")
         shown = answer if answer else "in the executed notebook's outputs"
         lines.append(f"| [`{stem}`]({link}) | {question} | {shown} |")
     return "\n".join(lines)

@@ -394,3 +394,16 @@ def test_load_report_adds_the_selection_table_and_the_frontier_written_beside_it
     assert report["selection_table"] == [{"pos": -1.0, "layer": 16.0, "bypass": -5.5, "kl": 0.85, "reason": "KL > 0.1"},
                                          {"pos": -2.0, "layer": 3.0, "bypass": None, "kl": None, "reason": "zero"}]
     assert report["frontier"] == {"status": "searching"} and "heretic" not in report
+
+
+def test_a_notebook_answer_is_read_from_what_its_executed_copy_prints(tmp_path):
+    stdout = {"output_type": "stream", "name": "stdout",
+              "text": ["29 layers' directions at position -1: effective rank 22.38; 13 dimensions hold 90% of their\n"]}
+    (tmp_path / "06_subspace.ipynb").write_text(json.dumps({"cells": [{"cell_type": "code", "outputs": [stdout]}]}))
+    assert gen.printed_answer("06_subspace", tmp_path) == \
+        "the layers' directions have effective rank 22.38; 13 dimensions hold 90% of their norm"
+    assert gen.printed_answer("05_base_vs_chat", tmp_path) is None  # no executed copy yet
+    stdout["text"] = ["something else\n"]
+    (tmp_path / "06_subspace.ipynb").write_text(json.dumps({"cells": [{"cell_type": "code", "outputs": [stdout]}]}))
+    with pytest.raises(gen.ReportError, match="does not print what"):
+        gen.printed_answer("06_subspace", tmp_path)
