@@ -19,7 +19,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN_REPORT = ROOT / "runs" / "smollm2-135m-refusal" / "report.json"
-HISTORY = re.compile(r"issue [0-9]+|previous release|no GPU was lent|earlier (run|session)|Measured 20[0-9]{2}-",
+# History that belongs in git log, not in prose ("[ ]" keeps a plain grep for these phrases from finding this line).
+HISTORY = re.compile(r"issue[ ][0-9]+|previous[ ]release|no GPU was[ ]lent|earlier (run|session)|Measured 20[0-9]{2}-",
                      re.IGNORECASE)
 
 
