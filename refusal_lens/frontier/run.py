@@ -196,7 +196,8 @@ def run_frontier(
     record["seconds"] = round(time.perf_counter() - started, 1)
     record["status"] = "done"
     (out / "frontier.json").write_text(json.dumps(record, indent=2, default=float) + "\n")
-    record = evaluate_reference(model, folder, capability=capability, batch_size=batch_size, static=static, log=log)
+    record = evaluate_reference(model, folder, data=data, capability=capability, batch_size=batch_size, log=log)
+    draw(folder, static=static)
     write_manifest(out, model=asdict(model.info), seed=seed, n_trials=n_trials, rule=rule.describe(),
                    data=record["data"], run_data=report.get("data"), positions=directions.positions,
                    outputs=sorted(p.name for p in out.iterdir()))
@@ -214,11 +215,12 @@ def strongest_candidate(selection: pd.DataFrame | None) -> tuple[int, int] | Non
     return int(row.pos), int(row.layer)
 
 
-def evaluate_reference(model: Model, folder: RunFolder, *, capability: bool = True, batch_size: int = 32,
-                       static: bool = True, log=print) -> dict:
+def evaluate_reference(model: Model, folder: RunFolder, *, data: dict[str, list[str]] | None = None,
+                       capability: bool = True, batch_size: int = 32, log=print) -> dict:
     """One direction removed everywhere, beside the searched profile: the :func:`strongest_candidate` ablated at
     full weight in every layer (``Profile.full``), judged on the frontier's val prompts and evaluated on its test
-    prompts exactly as the chosen point; added to ``frontier.json`` as ``reference`` (the figure is redrawn).
+    prompts exactly as the chosen point; added to ``frontier.json`` as ``reference`` (:func:`draw` redraws the
+    figure with it). ``data``: the frontier's prompts (:func:`run_data`), rebuilt from the run when None.
     Returns the updated record; it is unchanged when the run's selection scored no candidate."""
     out = folder.path / "frontier"
     directions, report, selection = _read_run(folder)
@@ -227,7 +229,7 @@ def evaluate_reference(model: Model, folder: RunFolder, *, capability: bool = Tr
     if candidate is None:
         return record
     names = ("harmful_val", "harmful_test", "harmless_test")
-    data = run_data(model, report, n_val=None, n_test=None, n_mean=0)
+    data = data or run_data(model, report, n_val=None, n_test=None, n_mean=0)
     data = {name: data[name][: record["data"][name]["n"]] for name in names}  # the frontier's prompts, per side
     if any(text_hash(data[name]) != record["data"][name]["sha256"] for name in names):
         raise ValueError(f"the prompts rebuilt for {out / 'frontier.json'} differ from the frontier's: rerun "
@@ -246,7 +248,6 @@ def evaluate_reference(model: Model, folder: RunFolder, *, capability: bool = Tr
                                    "val_refusal_rate": judged},
                            "test": test}
     (out / "frontier.json").write_text(json.dumps(record, indent=2, default=float) + "\n")
-    draw(folder, static=static)
     return record
 
 
