@@ -54,12 +54,18 @@ class ReportError(ValueError):
 # formatting
 
 
+def _package():
+    """The repository's ``refusal_lens`` (the script runs from any directory)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import refusal_lens
+
+    return refusal_lens
+
+
 def wilson(k: int, n: int) -> tuple[float, float]:
     """Wilson 95% interval of ``k / n`` (the package's ``rl.stats.wilson_ci``)."""
-    sys.path.insert(0, str(ROOT))
-    from refusal_lens.stats import wilson_ci
-
-    return wilson_ci(k, n)
+    return _package().stats.wilson_ci(k, n)
 
 
 def count(rate: float, n: int) -> int:
@@ -184,9 +190,13 @@ def results_box(report: dict) -> str:
 
 
 def _strongest(report: dict) -> dict | None:
-    """The selection-table row (bypass and KL scored) whose ablation lowers the harmful refusal score most."""
-    rows = [r for r in report.get("selection_table", []) if r.get("bypass") is not None and r.get("kl") is not None]
-    return min(rows, key=lambda r: r["bypass"]) if rows else None
+    """The selection-table row of ``rl.frontier.strongest_candidate`` (the scored candidate whose ablation lowers
+    the harmful refusal score most), or None."""
+    import pandas as pd
+
+    rows = report.get("selection_table", [])
+    candidate = _package().frontier.strongest_candidate(pd.DataFrame(rows) if rows else None)
+    return next(r for r in rows if (r["pos"], r["layer"]) == candidate) if candidate else None
 
 
 def strongest_candidate(report: dict) -> str | None:
@@ -202,13 +212,17 @@ def strongest_candidate(report: dict) -> str | None:
             f"the random directions' median.")
 
 
-def _by_rule(points: list[dict], max_refusal: float) -> tuple[dict | None, bool]:
-    """The frontier's rule on measured points: the lowest val KL among those with judged val refusal at most
-    ``max_refusal`` (True), else the lowest judged val refusal (False); (None, False) without points."""
-    met = [p for p in points if p["val_refusal_rate"] <= max_refusal]
-    if met:
-        return min(met, key=lambda p: p["val_kl"]), True
-    return (min(points, key=lambda p: (p["val_refusal_rate"], p["val_kl"])), False) if points else (None, False)
+def _by_rule(points: list[dict], rule_params: dict) -> tuple[dict | None, bool]:
+    """Measured points under the frontier's own rule (``rl.frontier.choose`` with ``frontier.json``'s
+    ``rule_params``): (its pick, True), else (the closest point, False); (None, False) without points."""
+    if not points:
+        return None, False
+    import pandas as pd
+
+    frontier = _package().frontier
+    chosen, closest = frontier.choose(pd.DataFrame(points), frontier.ChoiceRule(**rule_params))
+    trial = chosen if chosen is not None else closest
+    return next(p for p in points if p["trial"] == trial), chosen is not None
 
 
 def _test_point(test: dict, null: float) -> str:
@@ -216,10 +230,16 @@ def _test_point(test: dict, null: float) -> str:
             f"KL of {test['harmless_kl']:.2f} nats ({test['harmless_kl'] / null:.1f}× random directions' median)")
 
 
+def _finished_frontier(report: dict) -> dict | None:
+    """The run's ``frontier.json`` when its search finished with a point evaluated on test, else None."""
+    front = report.get("frontier") or {}
+    return front if front.get("status") == "done" and front.get("chosen") else None
+
+
 def frontier_sentence(report: dict) -> str | None:
     """The frontier's chosen point on test, and heretic's point under the same rule, or None without a run."""
-    front = report.get("frontier") or {}
-    if front.get("status") != "done" or not front.get("chosen"):
+    front = _finished_frontier(report)
+    if front is None:
         return None
     chosen, rule = front["chosen"], front["rule_params"]
     null = front["random_direction_kl"]["median"]
@@ -233,7 +253,7 @@ def frontier_sentence(report: dict) -> str | None:
         text += (f" The strongest single candidate (position {sign(reference['position'])}, layer "
                  f"{reference['layer']}) ablated at every layer gives {_test_point(reference['test'], null)}.")
     heretic = report.get("heretic") or {}
-    point, met = _by_rule(heretic.get("points", []), rule["max_refusal"])
+    point, met = _by_rule(heretic.get("points", []), rule)
     if point is not None:
         text += (f" heretic ({heretic['n_trials']} trials, same prompts, measured the same way): its saved Pareto "
                  f"point {'the same rule picks' if met else 'with the lowest judged val refusal (none meets the rule)'}"
@@ -295,8 +315,8 @@ def _harmful_key(rates: dict) -> str:
 
 
 def _frontier(report: dict) -> str | None:
-    front = report.get("frontier") or {}
-    if front.get("status") != "done" or not front.get("chosen"):
+    front = _finished_frontier(report)
+    if front is None:
         return None
     test, null = front["chosen"]["test"], front["random_direction_kl"]["median"]
     return (f"{'rule met' if front['chosen']['by_rule'] else 'rule not met; closest point'}: harmful refusal "
@@ -496,8 +516,8 @@ def _point_row(label: str, val: dict, test: dict, null: float) -> str:
 
 def frontier_page(report: dict) -> str:
     """docs/frontier.md's results: the search, the chosen point on test beside heretic's, and its weight profile."""
-    front = report.get("frontier") or {}
-    if front.get("status") != "done" or not front.get("chosen"):
+    front = _finished_frontier(report)
+    if front is None:
         return "No finished frontier beside this run yet: `make frontier` writes `runs/<model>/frontier/`."
     chosen, null, data = front["chosen"], front["random_direction_kl"]["median"], front["data"]
     profile, test = chosen["profile"], chosen["test"]
@@ -594,7 +614,7 @@ def heretic_mechanism(front: dict, heretic: dict) -> list[str]:
     against each layer's own direction (``per layer``)."""
     if not heretic or not heretic.get("points"):
         return []
-    point, met = _by_rule(heretic["points"], front["rule_params"]["max_refusal"])
+    point, met = _by_rule(heretic["points"], front["rule_params"])
     ours, theirs = front["chosen"]["test"], point["test"]
     how = "the rule's point" if met else "closest to the rule"
     lines = [f"- Side by side on test: heretic's trial {point['trial']} ({how}) "
