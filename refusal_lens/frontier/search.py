@@ -29,6 +29,7 @@ from ..directions import Directions
 from ..generation import generate
 from ..metrics import ce_loss, kl_divergence, last_token_logits, refusal_rate, refusal_score
 from ..models import Model
+from ..scorer import Scorer
 from .profile import EDITS, Kernel, Profile, profile_hooks, resolve
 
 
@@ -167,18 +168,18 @@ def pareto_mask(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 class ValScorer:
-    """Val metrics of any set of hooks: mean harmful refusal score and mean harmless KL (reference logits once)."""
+    """Val metrics of any set of hooks: mean harmful refusal score and mean harmless KL, through the selection's
+    :class:`~refusal_lens.scorer.Scorer` (prompts tokenized once, the harmless reference logits computed once)."""
 
     def __init__(self, model: Model, harmful: Sequence[str], harmless: Sequence[str], batch_size: int = 32):
         self.model, self.batch_size = model, batch_size
         self.harmful = check_instructions(harmful, model.chat)
         self.harmless = check_instructions(harmless, model.chat)
-        self.reference = last_token_logits(model, self.harmless, batch_size=batch_size)
+        self._harmful = Scorer(model, self.harmful, batch_size)
+        self._harmless = Scorer(model, self.harmless, batch_size)
 
     def __call__(self, hooks: list) -> tuple[float, float]:
-        score = float(refusal_score(self.model, self.harmful, hooks=hooks, batch_size=self.batch_size).mean())
-        logits = last_token_logits(self.model, self.harmless, hooks=hooks, batch_size=self.batch_size)
-        return score, float(kl_divergence(self.reference, logits).mean())
+        return float(self._harmful.refusal(hooks).mean()), float(self._harmless.kl(hooks).mean())
 
     def judge(self, hooks: list, max_new_tokens: int) -> float:
         """Substring-judge refusal rate of greedy replies to the harmful prompts (replies are not kept)."""
