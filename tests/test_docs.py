@@ -4,6 +4,7 @@ and pages that render their figures in a headless browser without a console erro
 import asyncio
 import base64
 import functools
+import hashlib
 import http.server
 import importlib.util
 import json
@@ -32,6 +33,10 @@ def _load_generator():
 
 
 gen = _load_generator()
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _wilson(k: int, n: int) -> tuple[float, float]:
@@ -116,10 +121,19 @@ def test_check_exits_nonzero_when_the_readme_differs_from_the_report(tree, tmp_p
     report_path.write_text(json.dumps(synthetic_report()))
     monkeypatch.setattr(gen, "ROOT", tree)
     assert gen.main(["--report", str(report_path)]) == 0
+    (tree / "docs" / "notebooks").mkdir(parents=True, exist_ok=True)  # the executed copies record the run's report
+    copy = {"cells": [], "metadata": {"refusal_lens": {"report_sha256": _sha256(report_path)}}}
+    (tree / "docs" / "notebooks" / "03_intervene.ipynb").write_text(json.dumps(copy))
     assert gen.main(["--report", str(report_path), "--check"]) == 0
     report_path.write_text(json.dumps(synthetic_report(ablated=37)))
+    copy["metadata"]["refusal_lens"]["report_sha256"] = _sha256(report_path)
+    (tree / "docs" / "notebooks" / "03_intervene.ipynb").write_text(json.dumps(copy))
     assert gen.main(["--report", str(report_path), "--check"]) == 1
     assert "README.md" in capsys.readouterr().err
+    # another run than the one the committed pages come from (a user's own `make run`) is not compared
+    report_path.write_text(json.dumps(synthetic_report(ablated=36)))
+    assert gen.main(["--report", str(report_path), "--check"]) == 0
+    assert "not compared" in capsys.readouterr().out
     assert gen.main(["--report", str(tmp_path / "absent.json")]) == 2
 
 
@@ -137,6 +151,8 @@ def test_a_rate_that_is_no_whole_count_and_a_missing_entry_are_named():
 
 @pytest.mark.skipif(not MAIN_REPORT.exists(), reason=f"no {MAIN_REPORT.relative_to(ROOT)}: `make run` writes it")
 def test_readme_and_pages_equal_the_main_jobs_report():
+    if not gen.committed_run(MAIN_REPORT):
+        pytest.skip(f"{MAIN_REPORT.relative_to(ROOT)} is another run than the committed pages' (a user's `make run`)")
     report, behaviour = gen.load_report(MAIN_REPORT), json.loads(gen.BEHAVIOUR.read_text())
     assert gen.stale(report, behaviour) == [], "run `python docs/gen_results.py` and commit README.md and docs/"
 
